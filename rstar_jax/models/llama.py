@@ -1,0 +1,155 @@
+"""Llama / Qwen2 decoder as pure functions over the parameter pytree of `params.py`.
+
+Parameters stay fp32 (master weights); each matmul casts its weight to `compute_dtype`. RMSNorm, softmax and
+logits run in fp32. RoPE is HF's rotate-half convention, so HF checkpoints load without permutation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from rstar_jax.models.config import ModelConfig
+from rstar_jax.models.params import Params
+
+NEG_INF = -1e30
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def linear(x: jax.Array, weight_OxI: jax.Array, bias_O: jax.Array | None = None) -> jax.Array:
+    """x @ W.T with W in HF's [out, in] layout, in x's dtype."""
+    y = jnp.einsum("...i,oi->...o", x, weight_OxI.astype(x.dtype))
+    return y if bias_O is None else y + bias_O.astype(x.dtype)
+
+
+def rope(x_BxTxHxE: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    E = x_BxTxHxE.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
+    angles_BxTxE2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BxTxE2)[..., None, :]
+    sin = jnp.sin(angles_BxTxE2)[..., None, :]
+    x = x_BxTxHxE.astype(jnp.float32)
+    x1, x2 = x[..., : E // 2], x[..., E // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxE.dtype)
+
+
+def qkv(layer: Params, cfg: ModelConfig, h_BxTxD: jax.Array, positions_BxT: jax.Array):
+    """Projected, rotated q [B,T,H,E] and k, v [B,T,G,E] for one layer's input (pre-norm applied here)."""
+    attn = layer["self_attn"]
+    x = rms_norm(h_BxTxD, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
+    B, T, _ = x.shape
+    bias = (lambda n: attn[n].get("bias")) if cfg.attention_bias else (lambda n: None)
+    q = linear(x, attn["q_proj"]["weight"], bias("q_proj")).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+    k = linear(x, attn["k_proj"]["weight"], bias("k_proj")).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    v = linear(x, attn["v_proj"]["weight"], bias("v_proj")).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    return rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta), v
+
+
+def attend(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array, allowed_BxTxS: jax.Array) -> jax.Array:
+    """Grouped-query attention without materialising repeated K/V heads; returns [B, T, H*E]."""
+    B, T, H, E = q_BxTxHxE.shape
+    G = k_BxSxGxE.shape[2]
+    q_BxTxGxQxE = q_BxTxHxE.reshape(B, T, G, H // G, E)
+    scores = jnp.einsum("btgqe,bsge->bgqts", q_BxTxGxQxE, k_BxSxGxE).astype(jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
+    scores = jnp.where(allowed_BxTxS[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxE.dtype)
+    out = jnp.einsum("bgqts,bsge->btgqe", probs, v_BxSxGxE)
+    return out.reshape(B, T, H * E)
+
+
+def attn_out_and_mlp(layer: Params, cfg: ModelConfig, h_BxTxD: jax.Array, attn_BxTxHE: jax.Array) -> jax.Array:
+    """Residual add of the attention output, then the SwiGLU MLP block."""
+    h = h_BxTxD + linear(attn_BxTxHE, layer["self_attn"]["o_proj"]["weight"])
+    mlp = layer["mlp"]
+    x = rms_norm(h, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
+    gated = jax.nn.silu(linear(x, mlp["gate_proj"]["weight"])) * linear(x, mlp["up_proj"]["weight"])
+    return h + linear(gated, mlp["down_proj"]["weight"])
+
+
+def layer_at(layers: Params, i: int | jax.Array) -> Params:
+    return jax.tree.map(lambda a: a[i], layers)
+
+
+def segment_mask(positions_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
+    """Causal within a segment; segment id 0 marks padding. Works for left/right padding and packing."""
+    same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    causal = positions_BxT[:, :, None] >= positions_BxT[:, None, :]
+    return same & causal & (segment_ids_BxT[:, None, :] != 0)
+
+
+def embed(params: Params, input_ids_BxT: jax.Array, compute_dtype: Any) -> jax.Array:
+    return params["model"]["embed_tokens"]["weight"][input_ids_BxT].astype(compute_dtype)
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    input_ids_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array,
+    *,
+    compute_dtype: Any = jnp.float32,
+    scan_layers: bool = False,
+    remat: bool = False,
+    return_kv: bool = False,
+    constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] | None = None,
+):
+    """Final-norm hidden states [B, T, D]; with `return_kv`, also k, v stacked as [L, B, T, G, E].
+
+    `constrain(x, logical_axes)` lets the training code pin activation shardings without the model knowing the mesh.
+    """
+    pin = constrain or (lambda x, axes: x)
+    allowed_BxTxT = segment_mask(positions_BxT, segment_ids_BxT)
+    h = pin(embed(params, input_ids_BxT, compute_dtype), ("batch", "length", "embed"))
+
+    def block(h, layer):
+        q, k, v = qkv(layer, cfg, h, positions_BxT)
+        h = attn_out_and_mlp(layer, cfg, h, attend(q, k, v, allowed_BxTxT))
+        return pin(h, ("batch", "length", "embed")), ((k, v) if return_kv else None)
+
+    if remat:
+        block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+    layers = params["model"]["layers"]  # stacked dict, or a per-layer list (see sampling.prepare_params)
+    if scan_layers:
+        h, kv = jax.lax.scan(block, h, layers)
+    else:
+        outs = []
+        for i in range(cfg.num_hidden_layers):
+            h, kv_i = block(h, layers[i] if isinstance(layers, list) else layer_at(layers, i))
+            outs.append(kv_i)
+        kv = jax.tree.map(lambda *xs: jnp.stack(xs), *outs) if return_kv else None
+    h = rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
+    return (h, kv) if return_kv else h
+
+
+def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """fp32 logits; tied models reuse the embedding matrix."""
+    w = params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+    return jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def positions_from_mask(attention_mask_BxT: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_lm_logits(
+    params: Params,
+    cfg: ModelConfig,
+    input_ids_BxT: jax.Array,
+    attention_mask_BxT: jax.Array | None = None,
+    compute_dtype: Any = jnp.float32,
+) -> jax.Array:
+    """Full forward (no cache) over a padded batch; logits [B, T, V] in fp32."""
+    if attention_mask_BxT is None:
+        attention_mask_BxT = jnp.ones_like(input_ids_BxT)
+    mask = attention_mask_BxT.astype(jnp.int32)
+    h = forward(params, cfg, input_ids_BxT, positions_from_mask(mask), mask, compute_dtype=compute_dtype)
+    return lm_head(params, cfg, h)
