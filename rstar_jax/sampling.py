@@ -225,7 +225,7 @@ def generate(
         tokens_BxP[i, P - len(p) :] = p
         lens_B[i] = len(p)
     steps_total = settings.max_new_tokens - 1
-    chunk = min(settings.chunk, max(steps_total, 1))
+    chunk = min(settings.chunk, bucket(steps_total))  # bucketed: short generations do not each compile
     flags = dict(greedy=settings.temperature == 0, top_k=settings.top_k, use_top_p=settings.top_p < 1.0)
     temp, top_p = jnp.float32(max(settings.temperature, 1e-6)), jnp.float32(settings.top_p)
     st = prefill(

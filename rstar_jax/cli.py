@@ -1,0 +1,108 @@
+"""`rstar-jax` command line: parse arguments, call library functions. Nothing else lives here.
+
+User errors (ValueError / OSError subclasses raised with a one-line message naming the input) print one line and
+exit 2. Set RSTAR_JAX_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _generate(a: argparse.Namespace) -> None:
+    from rstar_jax.generation import read_prompts, run_generate
+    from rstar_jax.sampling import SamplingConfig
+
+    prompts = [a.prompt] if a.prompt is not None else read_prompts(a.prompts)
+    settings = SamplingConfig(
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+        num_samples=a.num_samples, stop=tuple(a.stop or ()),
+    )
+    run_generate(a.model, prompts, settings, chat=a.chat, seed=a.seed, compute_dtype=a.dtype, out=a.out,
+                 batch_size=a.batch_size)
+
+
+def _convert(a: argparse.Namespace) -> None:
+    from rstar_jax.models.hf_io import convert
+
+    print(convert(a.model, a.out))
+
+
+def _exec(a: argparse.Namespace) -> None:
+    from rstar_jax.sandbox import exec_file
+
+    exec_file(a.programs, a.out, a.timeout, a.memory_mb, a.workers, a.allow_insecure_sandbox)
+
+
+def _problems_synth(a: argparse.Namespace) -> None:
+    from rstar_jax.data.synth import parse_levels, write_synth_file
+
+    write_synth_file(parse_levels(a.levels), a.n, a.seed, a.out)
+    print(a.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rstar-jax", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="sample completions from a causal LM")
+    g.add_argument("--model", required=True, help="HF folder, .gguf file, or alias (smollm2-135m)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompts", help='JSONL file of {"prompt": ...}')
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--stop", nargs="+", help="stop strings; text is cut right after the first one")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template as a user turn")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--out", help="output JSONL (resumable); stdout when absent")
+    g.set_defaults(fn=_generate)
+
+    c = sub.add_parser("convert", help="GGUF or HF folder in, HF folder out (through our parameter tree)")
+    c.add_argument("--model", required=True)
+    c.add_argument("--out", required=True)
+    c.set_defaults(fn=_convert)
+
+    e = sub.add_parser("exec", help="run model-written programs in the sandbox")
+    e.add_argument("--programs", required=True, help='JSONL of {"id": ..., "code": ...}')
+    e.add_argument("--out", help="output JSONL; stdout when absent")
+    e.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds per program")
+    e.add_argument("--memory-mb", type=int, default=1024)
+    e.add_argument("--workers", type=int, default=None, help="default: one per core")
+    e.add_argument("--allow-insecure-sandbox", action="store_true",
+                   help="run with process-only isolation when namespaces/seccomp are unavailable")
+    e.set_defaults(fn=_exec)
+
+    pr = sub.add_parser("problems", help="problem sets")
+    prs = pr.add_subparsers(dest="problems_command", required=True)
+    s = prs.add_parser("synth", help="synthetic arithmetic word problems with reference step solutions")
+    s.add_argument("--levels", default="1-5", help='difficulty levels, e.g. "1-5" or "1,3"')
+    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=_problems_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, OSError) as e:
+        if os.environ.get("RSTAR_JAX_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        print(f"rstar-jax {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
