@@ -35,6 +35,7 @@ class SamplingConfig:
     num_samples: int = 1
     stop: tuple[str, ...] = ()
     chunk: int = 16  # tokens per jitted decode call between host stop checks
+    ignore_eos: bool = False  # always produce max_new_tokens (benchmarks)
 
     def __post_init__(self):
         for name, ok in [
@@ -234,6 +235,7 @@ def generate(
     )
     generated = np.asarray(st.token_BxK)[:n, :, None]
     eos = set(cfg.eos_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    eos = set() if settings.ignore_eos else eos
     results: list[list[Completion | None]] = [[None] * K for _ in range(n)]
     checked = 0
     while True:

@@ -1,0 +1,1 @@
+"""Step format (code-augmented CoT) and answer grading."""
