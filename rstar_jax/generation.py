@@ -45,11 +45,11 @@ def run_generate(
     """Batch `i` uses key fold_in(seed, i); with `out`, finished batches are kept and a rerun resumes after them."""
     from rstar_jax.models.hf_io import load_model  # deferred: model I/O pulls in transformers
 
+    lm = load_model(model_spec, dtype="float32")  # first, so a bad model leaves no output file behind
     writer = ResumableJsonl(out) if out else None
     done = len(writer.records) if writer else 0
     if writer and [r.get("prompt") for r in writer.records] != prompts[:done]:
         raise InputError(f"{out}: existing output does not match these prompts; choose another --out")
-    lm = load_model(model_spec, dtype="float32")
     params = prepare_params(lm.params, compute_dtype)
     ids = encode_prompts(lm.tokenizer, prompts, chat)
     key = jax.random.key(seed)
