@@ -73,9 +73,11 @@ def test_greedy_equals_argmax_of_full_forward(params):
     prompt = [1, 2, 3, 4, 5]
     out = generate(prepare_params(params), CFG, ThreeCharTokenizer(), [prompt], SamplingConfig(max_new_tokens=10),
                    jax.random.key(0))[0][0]
+    full = jax.jit(causal_lm_logits, static_argnums=1)
     seq = list(prompt)
     for _ in range(len(out.token_ids)):
-        seq.append(int(jnp.argmax(causal_lm_logits(params, CFG, jnp.asarray([seq]))[0, -1])))
+        padded = jnp.asarray([seq + [0] * (len(prompt) + 10 - len(seq))])  # fixed shape: causal, so padding is inert
+        seq.append(int(jnp.argmax(full(params, CFG, padded)[0, len(seq) - 1])))
         if seq[-1] == CFG.eos_token_id:
             break
     assert out.token_ids == seq[len(prompt) :]

@@ -81,22 +81,22 @@ def pools(secret_env):
     assert not alive, f"processes outlived the pool: {alive}"
 
 
-@pytest.fixture
-def pool(pools):
-    p, seen = pools[0]
+def _checked(entry):
+    p, seen = entry
     yield p
     seen.update(p.worker_pids())
     left = strays(p)
     assert not left, f"a program left a process behind: {[(q, _cmdline(q)[:80]) for q in left]}"
+
+
+@pytest.fixture
+def pool(pools):
+    yield from _checked(pools[0])
 
 
 @pytest.fixture
 def single(pools):
-    p, seen = pools[1]
-    yield p
-    seen.update(p.worker_pids())
-    left = strays(p)
-    assert not left, f"a program left a process behind: {[(q, _cmdline(q)[:80]) for q in left]}"
+    yield from _checked(pools[1])
 
 
 def run1(pool, code):
