@@ -43,6 +43,22 @@ def _problems_synth(a: argparse.Namespace) -> None:
     print(a.out)
 
 
+def _eval(a: argparse.Namespace) -> None:
+    from rstar_jax.evaluate.metrics import eval_samples
+
+    eval_samples(a.samples, a.out, grader_workers=a.grader_workers)
+    print(os.path.join(a.out, "metrics.md"))
+
+
+def _processbench(a: argparse.Namespace) -> None:
+    from rstar_jax.evaluate.processbench import run_processbench
+
+    run_processbench(a.reward_model, a.data, a.out, calibration_path=a.calibration,
+                     calibration_fraction=a.calibration_fraction, seed=a.seed, batch_size=a.batch_size,
+                     compute_dtype=a.dtype)
+    print(os.path.join(a.out, "report.md"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rstar-jax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_problems_synth)
+
+    ev = sub.add_parser("eval", help="greedy / pass@1 / maj@N / BoN@N (min, product, last) from a samples file")
+    ev.add_argument("--samples", required=True, help="JSONL: per problem the gold answer and scored samples")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--grader-workers", type=int, default=1)
+    ev.set_defaults(fn=_eval)
+
+    pb = sub.add_parser("processbench", help="ProcessBench first-error F1 of a reward model")
+    pb.add_argument("--reward-model", required=True)
+    pb.add_argument("--data", required=True, help="ProcessBench JSON / JSONL")
+    pb.add_argument("--out", required=True)
+    pb.add_argument("--calibration", help="rows to choose the threshold on (default: a seeded share of --data)")
+    pb.add_argument("--calibration-fraction", type=float, default=0.5)
+    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--batch-size", type=int, default=16)
+    pb.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    pb.set_defaults(fn=_processbench)
     return p
 
 

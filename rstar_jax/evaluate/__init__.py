@@ -1,0 +1,1 @@
+"""Evaluation: accuracy metrics from scored samples (`metrics`) and ProcessBench for reward models (`processbench`)."""

@@ -1,0 +1,180 @@
+"""ProcessBench: the official metric, threshold calibration, diagnostics, and a real reward model end to end."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rstar_jax.evaluate.processbench import (ProcessBenchError, Row, best_threshold, candidate_thresholds,
+                                             diagnostics, first_error, load_rows, processbench_metrics,
+                                             run_processbench, split_calibration, sweep)
+
+SHARED_PB = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench_gsm8k.json"
+
+
+def _row(label, n_steps, final_ok=False, rid=None):
+    return Row(rid or f"r{label}-{n_steps}", "p", tuple(f"s{i}" for i in range(n_steps)), label, final_ok)
+
+
+def test_first_error_and_hand_computed_metrics():
+    assert first_error([0.9, 0.4, 0.1], 0.5) == 1
+    assert first_error([0.9, 0.8], 0.5) == -1
+    assert first_error([float("nan"), 0.2], 0.5) == 1  # NaN is never "below"
+    # 3 erroneous rows (2 found exactly), 2 correct rows (1 predicted -1)
+    m = processbench_metrics([0, 2, 1, -1, -1], [0, 2, 0, -1, 3])
+    assert (m.n_error, m.n_correct) == (3, 2)
+    assert m.error_acc == pytest.approx(200 / 3) and m.correct_acc == pytest.approx(50.0)
+    assert m.f1 == pytest.approx(2 * (200 / 3) * 50 / (200 / 3 + 50))
+    assert processbench_metrics([0, -1], [-1, 0]).f1 == 0.0
+    with pytest.raises(ProcessBenchError, match="need erroneous and correct rows"):
+        processbench_metrics([0, 1], [0, 1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 1.0]), min_size=1, max_size=5),
+                          st.integers(-1, 4)), min_size=2, max_size=12))
+def test_sweep_matches_brute_force(data):
+    rows, scores = [], []
+    for i, (s, lab) in enumerate(data):
+        rows.append(_row(min(lab, len(s) - 1), len(s), rid=str(i)))
+        scores.append(s)
+    labels = [r.label for r in rows]
+    if -1 not in labels or all(x == -1 for x in labels):
+        rows.append(_row(-1 if -1 not in labels else 0, 1, rid="extra"))
+        scores.append([0.5])
+    thresholds = candidate_thresholds(scores)
+    fast = sweep(rows, scores, thresholds)
+    for t, m in zip(thresholds, fast):
+        slow = processbench_metrics([r.label for r in rows], [first_error(s, t) for s in scores])
+        assert m == slow
+    # the candidates cover every outcome: no threshold on a fine grid beats the best candidate
+    best_t, best = best_threshold(rows, scores)
+    grid = [processbench_metrics([r.label for r in rows], [first_error(s, t) for s in scores]).f1
+            for t in np.linspace(-0.05, 1.05, 111)]
+    assert max(grid) <= best.f1 + 1e-9
+    assert best == processbench_metrics([r.label for r in rows], [first_error(s, best_t) for s in scores])
+
+
+def test_diagnostics_hand_computed():
+    rows = [_row(1, 3, final_ok=True), _row(0, 2, final_ok=True), _row(-1, 2, final_ok=True), _row(2, 3), _row(-1, 1)]
+    scores = [[0.9, 0.2, 0.1], [0.8, 0.9], [0.7, 0.6], [0.3, 0.3, 0.3], [0.1]]
+    preds = [first_error(s, 0.5) for s in scores]  # [1, -1, -1, 0, 0]
+    d = diagnostics(rows, scores, preds)
+    assert d["right_answer_wrong_process_rows"] == 2 and d["right_answer_wrong_process_acc"] == 50.0
+    # multi-step rows: 4; strictly lowest at the last step: rows 0 and 2 (row 3 ties)
+    assert d["multi_step_rows"] == 4 and d["min_score_at_last_step_pct"] == 50.0
+
+
+def _pb_file(tmp_path) -> Path:
+    """The shared ProcessBench file, or a small hand-built one in its format where ../shared is absent."""
+    if SHARED_PB.is_file():
+        return SHARED_PB
+    rows = []
+    for i in range(40):
+        steps = [f"{i} + {i}", f"= {2 * i}", f"so {2 * i}"][: 1 + i % 3]
+        label = (i % 5) - 1 if (i % 5) - 1 < len(steps) else -1
+        rows.append({"id": f"t-{i}", "problem": f"What is {i} + {i}?", "steps": steps, "label": label,
+                     "final_answer_correct": i % 2 == 0})
+    path = tmp_path / "pb.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_oracle_gets_f1_100_and_constant_gets_the_expected_numbers(tmp_path):
+    path = _pb_file(tmp_path)
+    rows = load_rows(path)
+    by_key = {(r.problem, r.steps): r.label for r in rows}
+
+    def oracle(items):
+        out = []
+        for problem, steps in items:
+            label = by_key[(problem, tuple(steps))]
+            out.append([0.0 if label != -1 and i >= label else 1.0 for i in range(len(steps))])
+        return out
+
+    report = run_processbench(oracle, path, tmp_path / "oracle")
+    assert report["eval"]["f1"] == 100.0 and report["eval_upper_bound"]["f1"] == 100.0
+    assert 0.0 < report["calibration"]["threshold"] <= 1.0
+
+    def constant(items):
+        return [[0.7] * len(steps) for _, steps in items]
+
+    report = run_processbench(constant, path, tmp_path / "const")
+    _, eval_idx = split_calibration(rows, 0.5, 0)
+    eval_rows = [rows[i] for i in eval_idx]
+    n_err = sum(r.label != -1 for r in eval_rows)
+    # every threshold gives F1 = 0; the lowest one flags nothing, so every row is predicted correct
+    assert report["eval"] == {"rows": len(eval_rows), "threshold": 0.7, "error_acc": 0.0, "correct_acc": 100.0,
+                              "f1": 0.0, "n_error": n_err, "n_correct": len(eval_rows) - n_err}
+    assert report["diagnostics"]["min_score_at_last_step_pct"] == 0.0
+    preds = [json.loads(line) for line in (tmp_path / "const" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(rows) and all(p["prediction"] == -1 for p in preds)
+
+
+def test_threshold_is_fixed_on_calibration_then_applied(tmp_path):
+    """A scorer whose best threshold differs between the two halves: the fixed result is below the upper bound."""
+    calib = [{"id": f"c{i}", "problem": f"c{i}", "steps": ["a", "b"], "label": lab}
+             for i, lab in enumerate([0, 0, -1, -1])]
+    evald = [{"id": f"e{i}", "problem": f"e{i}", "steps": ["a", "b"], "label": lab}
+             for i, lab in enumerate([0, 0, -1, -1])]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in calib))
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evald))
+    first = {"c0": 0.1, "c1": 0.2, "c2": 0.8, "c3": 0.9, "e0": 0.5, "e1": 0.6, "e2": 0.9, "e3": 0.95}
+
+    def scorer(items):
+        return [[first[p], 1.0] for p, _ in items]
+
+    report = run_processbench(scorer, tmp_path / "e.jsonl", tmp_path / "out", calibration_path=tmp_path / "c.jsonl")
+    assert report["calibration"]["threshold"] == pytest.approx(0.5) and report["calibration"]["f1"] == 100.0
+    # at 0.5 on eval: e0 (0.5) is not below -> wrong; e1 wrong; both correct rows right
+    assert report["eval"]["error_acc"] == 0.0 and report["eval"]["correct_acc"] == 100.0
+    assert report["eval_upper_bound"]["threshold"] == pytest.approx(0.75) and report["eval_upper_bound"]["f1"] == 100.0
+    assert "| eval (fixed threshold) | 0.5 | 0.0 | 100.0 | 0.0 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_bad_rows_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"problem": "p", "steps": ["a"], "label": 3}]))
+    with pytest.raises(ProcessBenchError, match=r"bad.json: row 0: 'label' must be -1 or a step index below 1"):
+        load_rows(bad)
+    bad.write_text(json.dumps([{"problem": "p", "steps": [], "label": -1}]))
+    with pytest.raises(ProcessBenchError, match="'steps' must be a non-empty list"):
+        load_rows(bad)
+
+
+@pytest.mark.parametrize("num_labels", [2, 1])  # PRM head (P(correct)) and PPM / value head (tanh)
+def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels):
+    from rstar_jax.math.steps import build_prompt
+    from rstar_jax.models.config import ModelConfig
+    from rstar_jax.models.hf_io import save_reward_model
+    from rstar_jax.models.params import init_params
+    from rstar_jax.reward import score_steps
+
+    cfg = ModelConfig(model_type="llama", vocab_size=420, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048)
+    params = init_params(cfg, jax.random.key(0), num_labels=num_labels, std=0.3)
+    folder = save_reward_model(tmp_path / "prm", cfg, params, tiny_tokenizer)
+    all_rows = sorted(load_rows(_pb_file(tmp_path)), key=lambda r: len(r.problem) + sum(map(len, r.steps)))
+    rows = [r for r in all_rows if r.label != -1][:8] + [r for r in all_rows if r.label == -1][:8]  # shortest
+    data = tmp_path / "subset.jsonl"
+    data.write_text("".join(json.dumps({"id": r.id, "problem": r.problem, "steps": list(r.steps), "label": r.label,
+                                        "final_answer_correct": r.final_answer_correct}) + "\n" for r in rows))
+    report = run_processbench(str(folder), data, tmp_path / "out", batch_size=8)
+    preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["id"] for p in preds) == sorted(r.id for r in rows)
+    # the written scores are the reward model's reported scores read at each step's end
+    r0 = next(r for r in rows if r.id == preds[0]["id"])
+    want = score_steps(params, cfg, tiny_tokenizer, [(build_prompt(r0.problem), ["\n" + s for s in r0.steps])])[0]
+    np.testing.assert_allclose(preds[0]["scores"], want, atol=1e-5)
+    ev = [p for p in preds if p["split"] == "eval"]
+    fixed = processbench_metrics([p["label"] for p in ev], [p["prediction"] for p in ev])
+    assert report["eval"]["f1"] == pytest.approx(fixed.f1)
+    assert report["eval"]["f1"] <= report["eval_upper_bound"]["f1"]
+    with pytest.raises(ProcessBenchError, match="not a reward model"):
+        from rstar_jax.models.hf_io import save_causal_lm
+        run_processbench(str(save_causal_lm(tmp_path / "lm", cfg, init_params(cfg, jax.random.key(1)), tiny_tokenizer)),
+                         data, tmp_path / "out2")
