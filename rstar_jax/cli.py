@@ -59,6 +59,18 @@ def _processbench(a: argparse.Namespace) -> None:
     print(os.path.join(a.out, "report.md"))
 
 
+def _train(a: argparse.Namespace) -> None:
+    from rstar_jax.train import run_training
+
+    run_training(a.kind, a.model, a.data, a.out, a.overrides)
+
+
+def _export(a: argparse.Namespace) -> None:
+    from rstar_jax.train import export_checkpoint
+
+    print(export_checkpoint(a.checkpoint, a.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rstar-jax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_problems_synth)
+
+    t = sub.add_parser("train", help="policy SFT, PPM (pairwise), PRM (per step) or value-model training")
+    t.add_argument("kind", choices=["sft", "ppm", "prm", "value"])
+    t.add_argument("--model", required=True, help="HF folder, .gguf, alias, or 'random' (model.arch from the config)")
+    t.add_argument("--data", required=True, help="JSONL in the format of KIND (see rstar_jax/train/data.py)")
+    t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl; rerun to resume")
+    t.add_argument("overrides", nargs="*", help="config .yaml files and key=value overrides, applied in order")
+    t.set_defaults(fn=_train)
+
+    x = sub.add_parser("export", help="checkpoint -> HF folder (causal LM or *ForTokenClassification)")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True)
+    x.set_defaults(fn=_export)
 
     ev = sub.add_parser("eval", help="greedy / pass@1 / maj@N / BoN@N (min, product, last) from a samples file")
     ev.add_argument("--samples", required=True, help="JSONL: per problem the gold answer and scored samples")

@@ -1,0 +1,28 @@
+"""A training checkpoint -> an HF folder (policy: causal LM; PPM / PRM / value: token-classification reward model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rstar_jax.models.config import ModelConfig
+from rstar_jax.models.hf_io import save_causal_lm, save_reward_model
+from rstar_jax.models.tokenizer import load_tokenizer
+from rstar_jax.train.checkpoint import find_step_dir, read_run_info, restore_params
+from rstar_jax.train.state import abstract_params
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """`checkpoint_dir`: a run folder (latest step), its `checkpoints/` folder, or one step folder."""
+    run_dir, step_dir = find_step_dir(checkpoint_dir)
+    info = read_run_info(run_dir)
+    model_cfg = ModelConfig.from_hf_dict(info["model_config"], source=str(run_dir / "run.json"))
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), abstract_params(model_cfg, info["kind"])
+    )
+    params = jax.tree.map(np.asarray, restore_params(step_dir, target))
+    save = save_causal_lm if info["kind"] == "sft" else save_reward_model
+    return save(out_dir, model_cfg, params, load_tokenizer(run_dir / "tokenizer"))
