@@ -43,6 +43,14 @@ def _problems_synth(a: argparse.Namespace) -> None:
     print(a.out)
 
 
+def _problems_sft(a: argparse.Namespace) -> None:
+    from rstar_jax.data import load_problems
+    from rstar_jax.data.reference_sft import write_reference_sft
+
+    write_reference_sft(load_problems(a.problems, limit=a.limit), a.out)
+    print(a.out)
+
+
 def _eval(a: argparse.Namespace) -> None:
     from rstar_jax.evaluate.metrics import eval_samples
 
@@ -116,14 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_problems_synth)
+    f = prs.add_parser("sft", help="policy SFT records {prompt, response} from reference solutions")
+    f.add_argument("--problems", required=True, help="problem file or synthetic spec, e.g. synth:levels=1-2,n=200,seed=0")
+    f.add_argument("--limit", type=int)
+    f.add_argument("--out", required=True)
+    f.set_defaults(fn=_problems_sft)
 
-    t = sub.add_parser("train", help="policy SFT, PPM (pairwise), PRM (per step) or value-model training")
+    t = sub.add_parser("train", help="policy SFT, PPM (pairwise), PRM (per step) or value-model training",
+                       usage="rstar-jax train {sft,ppm,prm,value} --model M --data FILE --out DIR [CONFIG.yaml ...] [key=value ...]")
     t.add_argument("kind", choices=["sft", "ppm", "prm", "value"])
     t.add_argument("--model", required=True, help="HF folder, .gguf, alias, or 'random' (model.arch from the config)")
     t.add_argument("--data", required=True, help="JSONL in the format of KIND (see rstar_jax/train/data.py)")
     t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl; rerun to resume")
-    t.add_argument("overrides", nargs="*", help="config .yaml files and key=value overrides, applied in order")
-    t.set_defaults(fn=_train)
+    t.set_defaults(fn=_train, takes_overrides=True)  # trailing config .yaml files and key=value overrides, in order
 
     x = sub.add_parser("export", help="checkpoint -> HF folder (causal LM or *ForTokenClassification)")
     x.add_argument("--checkpoint", required=True)
@@ -150,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (getattr(args, "takes_overrides", False) and not any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         args.fn(args)
     except (ValueError, OSError) as e:

@@ -25,9 +25,9 @@ def test_sft_lowers_heldout_loss_and_writes_metrics(tmp_path, capsys):
     last = run_training("sft", "random", str(data), str(out),
                         [*FAST, "data.eval_fraction=0.2", "train.max_steps=40", "optim.learning_rate=3e-3", "train.log_every=5"])
     losses, evals = _train_losses(out)
-    assert len(losses) == 8 and len(evals) == 1
-    assert evals[0]["loss"] < losses[0] - 1.5  # held-out loss well below the untrained model's
-    assert last["eval"]["loss"] == evals[0]["loss"] and last["tokens_per_s"] > 0
+    assert len(losses) == 8 and [e["step"] for e in evals] == [0, 40]  # baseline, then the end
+    assert evals[1]["loss"] < evals[0]["loss"] - 1.5  # held-out loss well below the untrained model's
+    assert last["eval"]["loss"] == evals[1]["loss"] and last["tokens_per_s"] > 0
     assert json.loads((out / "run.json").read_text())["kind"] == "sft"
     err = capsys.readouterr().err
     assert "step 40/40 loss" in err and "tok/s" in err

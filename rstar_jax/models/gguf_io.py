@@ -108,7 +108,10 @@ class _Metadata:
             if default is _REQUIRED:
                 raise ModelLoadError(f"{self.path}: missing metadata key {key!r}")
             return default
-        return field.contents()
+        value = field.contents()
+        if isinstance(value, float) and field.types == [gguf.GGUFValueType.FLOAT32]:
+            return float(str(np.float32(value)))  # float32 metadata: its shortest decimal (1e-05, not 9.99999975e-06)
+        return value
 
 
 def _config(meta: _Metadata, reader: gguf.GGUFReader, path: Path) -> ModelConfig:

@@ -130,6 +130,10 @@ def run_training(kind: str, model: str, data: str, out: str, overrides: list[str
         tokens, t0 = 0, time.perf_counter()
         say(f"{kind}: {len(train.rows)} rows ({train.dropped} examples over seq_len dropped), "
             f"{train.steps_per_epoch} steps/epoch, {steps} steps from {start}, mesh {dict(mesh.shape)}")
+        if held is not None and start == 0:  # the baseline, so a run shows how far held-out loss moved
+            ev = evaluate(eval_fn, state.params, held, mesh, cfg.data.max_eval_batches)
+            log.write({"step": 0, "split": "eval", **ev})
+            say("eval @ 0: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         for step in range(start, steps):
             host_batch = train.at_step(step)
             tokens += int(np.count_nonzero(host_batch["segment_ids"]))
