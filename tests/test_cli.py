@@ -61,3 +61,17 @@ def test_generate_writes_jsonl_and_resumes(tiny_hf_folder, tmp_path, capsys):
 def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "rstar_jax.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "generate" in r.stdout and "exec" in r.stdout
+
+
+def test_problems_sft_writes_training_records(tmp_path, capsys):
+    from rstar_jax.train.data import read_records
+
+    out = tmp_path / "sft.jsonl"
+    assert main(["problems", "sft", "--problems", "synth:levels=1,n=5,seed=0", "--out", str(out)]) == 0
+    recs = read_records(out, "sft")
+    assert len(recs) == 5 and all(r["response"].startswith("<code>") and "<|user|>" in r["prompt"] for r in recs)
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n')
+    code, err = _run(capsys, "problems", "sft", "--problems", str(plain), "--out", str(tmp_path / "x.jsonl"))
+    assert code == 2 and len(err) == 1 and "'a' has no reference solution" in err[0]
+    assert not (tmp_path / "x.jsonl").exists()
