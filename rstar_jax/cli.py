@@ -7,6 +7,7 @@ exit 2. Set RSTAR_JAX_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -65,6 +66,25 @@ def _processbench(a: argparse.Namespace) -> None:
                      calibration_fraction=a.calibration_fraction, seed=a.seed, batch_size=a.batch_size,
                      compute_dtype=a.dtype)
     print(os.path.join(a.out, "report.md"))
+
+
+def _search(a: argparse.Namespace) -> None:
+    from rstar_jax.search.job import run_search
+
+    summary = run_search(
+        a.model, a.problems, a.method, a.out, reward_model=a.reward_model, rollouts=a.rollouts,
+        candidates=a.candidates, samples=a.samples, max_depth=a.max_depth, mode=a.mode, limit=a.limit, batch=a.batch,
+        seed=a.seed, temperature=a.temperature, max_new_tokens=a.max_new_tokens, few_shot=a.few_shot,
+        aggregation=a.aggregation, sandbox_workers=a.sandbox_workers, allow_insecure_sandbox=a.allow_insecure_sandbox,
+        dtype=a.dtype,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+def _view_tree(a: argparse.Namespace) -> None:
+    from rstar_jax.search.view import write_html
+
+    print(write_html(a.tree, a.out))
 
 
 def _train(a: argparse.Namespace) -> None:
@@ -129,6 +149,34 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--limit", type=int)
     f.add_argument("--out", required=True)
     f.set_defaults(fn=_problems_sft)
+
+    se = sub.add_parser("search", help="MCTS / ReST-MCTS* / baselines over problems: trees, results.jsonl, summary.json")
+    se.add_argument("--model", required=True)
+    se.add_argument("--reward-model", help="PPM / value / PRM folder (ppm mode, bon, beam, mcts-star)")
+    se.add_argument("--problems", required=True, help='problem jsonl or a synthetic spec "synth:levels=1-2,n=32,seed=0"')
+    se.add_argument("--method", required=True, choices=["mcts", "mcts-star", "greedy", "maj", "bon", "beam"])
+    se.add_argument("--rollouts", type=int, help="mcts rollouts (16) / mcts-star iterations (32)")
+    se.add_argument("--candidates", type=int, help="mcts K (8) / mcts-star branch (3) / beam steps per beam (4)")
+    se.add_argument("--samples", type=int, help="maj@k, Best-of-N N, beam width (8)")
+    se.add_argument("--max-depth", type=int, default=16)
+    se.add_argument("--mode", choices=["terminal", "ppm", "inference"], default="terminal")
+    se.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
+    se.add_argument("--limit", type=int)
+    se.add_argument("--batch", type=int, default=8, help="problems searched together")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--temperature", type=float)
+    se.add_argument("--max-new-tokens", type=int, default=256, help="per step")
+    se.add_argument("--few-shot", type=int, default=2, help="synthetic reference solutions in the prompt")
+    se.add_argument("--aggregation", choices=["min", "product", "last"], default="min")
+    se.add_argument("--sandbox-workers", type=int)
+    se.add_argument("--allow-insecure-sandbox", action="store_true")
+    se.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    se.set_defaults(fn=_search)
+
+    vt = sub.add_parser("view-tree", help="render a saved search tree as one self-contained HTML page")
+    vt.add_argument("tree", help="DIR/trees/<id>.json")
+    vt.add_argument("--out", required=True)
+    vt.set_defaults(fn=_view_tree)
 
     t = sub.add_parser("train", help="policy SFT, PPM (pairwise), PRM (per step) or value-model training",
                        usage="rstar-jax train {sft,ppm,prm,value} --model M --data FILE --out DIR [CONFIG.yaml ...] [key=value ...]")

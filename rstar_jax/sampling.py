@@ -73,12 +73,20 @@ class DecodeState(NamedTuple):
 
 
 def prepare_params(params: Params, compute_dtype: Any = jnp.float32) -> Params:
-    """Cast once to the compute dtype and split the layer stack into a list, so decode reads each weight in place."""
+    """Decode layout, made once per model: cast to the compute dtype, split the layer stack into a list (each
+    weight read in place), and store projections as `weight_t` [in, out] (see `llama.linear`)."""
     cast = jax.tree.map(lambda a: jnp.asarray(a, compute_dtype), params)
+
+    def transpose(tree: Params) -> Params:
+        if "weight" in tree and tree["weight"].ndim >= 2:
+            return {**{k: v for k, v in tree.items() if k != "weight"}, "weight_t": jnp.swapaxes(tree["weight"], -1, -2)}
+        return {k: transpose(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
     layers = cast["model"]["layers"]
     if isinstance(layers, dict):
         n = jax.tree.leaves(layers)[0].shape[0]
-        cast["model"]["layers"] = [jax.tree.map(lambda a: a[i], layers) for i in range(n)]
+        layers = [jax.tree.map(lambda a: a[i], layers) for i in range(n)]
+    cast["model"]["layers"] = [transpose(layer) for layer in layers]
     return cast
 
 

@@ -29,7 +29,7 @@ def reward_logits(
         attention_mask_BxT = jnp.ones_like(input_ids_BxT)
     mask = attention_mask_BxT.astype(jnp.int32)
     h = forward(params, cfg, input_ids_BxT, positions_from_mask(mask), mask, compute_dtype=compute_dtype, **forward_kw)
-    return linear(h.astype(jnp.float32), params["score"]["weight"].astype(jnp.float32), params["score"]["bias"])
+    return linear(h.astype(jnp.float32), params["score"])
 
 
 def gather_positions(x_BxTxC: jax.Array, index_BxP: jax.Array) -> jax.Array:

@@ -23,10 +23,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def linear(x: jax.Array, weight_OxI: jax.Array, bias_O: jax.Array | None = None) -> jax.Array:
-    """x @ W.T with W in HF's [out, in] layout, in x's dtype."""
-    y = jnp.einsum("...i,oi->...o", x, weight_OxI.astype(x.dtype))
-    return y if bias_O is None else y + bias_O.astype(x.dtype)
+def linear(x: jax.Array, proj: Params) -> jax.Array:
+    """x @ W.T for a projection's HF `weight` [out, in] (+ `bias`), in x's dtype. Decode-prepared parameters
+    (`sampling.prepare_params`) carry `weight_t` [in, out] instead: XLA:CPU runs small-batch matmuls ~1.4x faster
+    in that layout."""
+    if "weight_t" in proj:
+        y = x @ proj["weight_t"].astype(x.dtype)
+    else:
+        y = jnp.einsum("...i,oi->...o", x, proj["weight"].astype(x.dtype))
+    return y if proj.get("bias") is None else y + proj["bias"].astype(x.dtype)
 
 
 def rope(x_BxTxHxE: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
@@ -46,10 +51,9 @@ def qkv(layer: Params, cfg: ModelConfig, h_BxTxD: jax.Array, positions_BxT: jax.
     attn = layer["self_attn"]
     x = rms_norm(h_BxTxD, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
     B, T, _ = x.shape
-    bias = (lambda n: attn[n].get("bias")) if cfg.attention_bias else (lambda n: None)
-    q = linear(x, attn["q_proj"]["weight"], bias("q_proj")).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
-    k = linear(x, attn["k_proj"]["weight"], bias("k_proj")).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
-    v = linear(x, attn["v_proj"]["weight"], bias("v_proj")).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    q = linear(x, attn["q_proj"]).reshape(B, T, cfg.num_attention_heads, cfg.head_dim)
+    k = linear(x, attn["k_proj"]).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    v = linear(x, attn["v_proj"]).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
     return rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta), v
 
 
@@ -67,11 +71,11 @@ def attend(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array, all
 
 def attn_out_and_mlp(layer: Params, cfg: ModelConfig, h_BxTxD: jax.Array, attn_BxTxHE: jax.Array) -> jax.Array:
     """Residual add of the attention output, then the SwiGLU MLP block."""
-    h = h_BxTxD + linear(attn_BxTxHE, layer["self_attn"]["o_proj"]["weight"])
+    h = h_BxTxD + linear(attn_BxTxHE, layer["self_attn"]["o_proj"])
     mlp = layer["mlp"]
     x = rms_norm(h, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
-    gated = jax.nn.silu(linear(x, mlp["gate_proj"]["weight"])) * linear(x, mlp["up_proj"]["weight"])
-    return h + linear(gated, mlp["down_proj"]["weight"])
+    gated = jax.nn.silu(linear(x, mlp["gate_proj"])) * linear(x, mlp["up_proj"])
+    return h + linear(gated, mlp["down_proj"])
 
 
 def layer_at(layers: Params, i: int | jax.Array) -> Params:

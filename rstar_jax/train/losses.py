@@ -61,8 +61,7 @@ def value_mse_loss(v_BxT: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Ar
 
 
 def _score(params: Params, hidden: jax.Array) -> jax.Array:
-    w, b = params["score"]["weight"], params["score"]["bias"]
-    return linear(hidden.astype(jnp.float32), w.astype(jnp.float32), b)
+    return linear(hidden.astype(jnp.float32), params["score"])
 
 
 def loss_fn(kind: str, cfg: ModelConfig, **model_kw: Any) -> Callable[[Params, dict[str, jax.Array]], LossOut]:

@@ -1,0 +1,211 @@
+"""Monte-Carlo step labels (Math-Shepherd; Qwen's "Lessons of developing PRMs").
+
+For each step of a solution, `k` completions are sampled from the policy starting right after that step and
+continued step by step (code run in the sandbox, observations inserted) until an answer or an invalid step.
+  soft label  = the fraction of completions whose answer equals the gold answer
+  hard label  = 1 when at least `threshold` completions do (Math-Shepherd's hard estimate is threshold 1)
+An answer step needs no completions: its label is whether its own answer is right (soft = hard = 0 or 1).
+
+Solutions come from saved search trees (a search's output folder or its trees/; every root-to-answer path, up to
+`per_problem` per tree) or from a JSONL file of {"id", "question", "answer" (gold), "steps": [node texts]} (a code
+terminal's text includes its `<output>` observation, as trees store it).
+
+Output: one PRM record per solution, the format training reads (`train/data.py`):
+    {"prompt", "steps", "labels"} + {"id", "question", "gold", "soft_labels", "hard_labels", "correct_counts",
+    "k", "threshold", "first_error"}
+`labels` holds the soft or the hard labels (`MCConfig.labels`); `first_error` is the first step with hard label 0,
+or -1 (what consensus filtering compares with a judge). The file is appended one solution at a time and a rerun
+resumes after the last complete record. Solution i's completions use keys derived from (seed, i), so a resumed
+run labels exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+from tqdm import tqdm
+
+from rstar_jax.data import Problem
+from rstar_jax.jsonl import InputError, ResumableJsonl, iter_jsonl
+from rstar_jax.math.steps import StepKind, parse_step, split_observation
+from rstar_jax.search.mcts import path_texts, request_key
+from rstar_jax.search.policy import Request, StepEnv, question_prompt
+
+UNBOUNDED_STEP = 1 << 30  # rollouts keep no fixed-size token buffer, so no step is too long for one
+
+
+class MCLabelError(InputError):
+    """Bad MC-labelling input or settings (message names what is wrong)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MCConfig:
+    k: int = 8  # completions per step
+    threshold: int = 1  # hard label = 1 when at least this many completions are correct
+    temperature: float = 0.7
+    labels: str = "soft"  # which labels go in the record's "labels": "soft" | "hard"
+    batch: int = 64  # rollouts advanced together (one policy call per step)
+
+    def __post_init__(self):
+        if self.k < 1 or not 1 <= self.threshold <= self.k:
+            raise MCLabelError(f"mc labels: need k >= 1 and 1 <= threshold <= k, got k={self.k}, "
+                               f"threshold={self.threshold}")
+        if self.labels not in ("soft", "hard"):
+            raise MCLabelError(f"mc labels: labels must be 'soft' or 'hard', got {self.labels!r}")
+        if self.temperature < 0 or self.batch < 1:
+            raise MCLabelError(f"mc labels: need temperature >= 0 and batch >= 1, got {self.temperature}, {self.batch}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Solution:
+    problem: Problem
+    steps: tuple[str, ...]  # node texts, root (exclusive) to the answer
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelling
+
+
+def rollouts_correct(env: StepEnv, starts: Sequence[tuple[Problem, tuple[str, ...]]], key: jax.Array,
+                     temperature: float, batch: int = 64) -> list[bool]:
+    """One completion from each (problem, path so far), one step per policy call; does it reach the gold answer?"""
+    correct = [False] * len(starts)
+    for lo in range(0, len(starts), batch):
+        paths = {i: list(starts[i][1]) for i in range(lo, min(lo + batch, len(starts)))}
+        ids = {i: [*env.question_ids(starts[i][0]), *(t for text in paths[i] for t in env.encode(text))] for i in paths}
+        depth = 0
+        while paths:
+            live = list(paths)
+            requests = [Request(i, starts[i][0], tuple(paths[i]), tuple(ids[i]), request_key(key, i, depth))
+                        for i in live]
+            for i, [child] in zip(live, env.expand(requests, 1, temperature, grade=True, score=False)):
+                if child.kind == StepKind.ANSWER_TERMINAL:
+                    correct[i] = bool(child.correct)
+                if child.kind in (StepKind.ANSWER_TERMINAL, StepKind.INVALID):
+                    del paths[i]
+                else:
+                    paths[i].append(child.text)
+                    ids[i] += child.token_ids
+            depth += 1
+    return correct
+
+
+def _answer_of(step_text: str) -> str | None:
+    parsed = parse_step(split_observation(step_text)[0])
+    return parsed.answer if parsed.kind == StepKind.ANSWER_TERMINAL else None
+
+
+def label_solution(env: StepEnv, solution: Solution, cfg: MCConfig, key: jax.Array) -> dict[str, Any]:
+    """The PRM record of one solution (see the module docstring)."""
+    if env.grader is None:
+        raise ValueError("mc labels: the step environment needs a Grader")
+    steps = solution.steps
+    answers = [_answer_of(s) for s in steps]
+    rolled = [i for i, a in enumerate(answers) if a is None]
+    starts = [(solution.problem, steps[: i + 1]) for i in rolled for _ in range(cfg.k)]
+    outcomes = iter(rollouts_correct(env, starts, key, cfg.temperature, cfg.batch))
+    counts = [0] * len(steps)
+    for i in rolled:
+        counts[i] = sum(next(outcomes) for _ in range(cfg.k))
+    graded = [i for i, a in enumerate(answers) if a is not None]
+    for i, ok in zip(graded, env.grader.equivalent_many([(solution.problem.answer, answers[i]) for i in graded])):
+        counts[i] = cfg.k if ok else 0  # an answer step is its own (deterministic) completion
+    soft = [c / cfg.k for c in counts]
+    hard = [int(c >= cfg.threshold) for c in counts]
+    p = solution.problem
+    return {
+        "id": p.id, "prompt": question_prompt(p), "steps": list(steps),
+        "labels": soft if cfg.labels == "soft" else [float(h) for h in hard],
+        "question": p.question, "gold": p.answer, "soft_labels": soft, "hard_labels": hard,
+        "correct_counts": counts, "k": cfg.k, "threshold": cfg.threshold,
+        "first_error": hard.index(0) if 0 in hard else -1,
+    }
+
+
+def mc_labels(env: StepEnv, solutions: Sequence[Solution], cfg: MCConfig, key: jax.Array, *,
+              out: str | Path | None = None) -> list[dict[str, Any]]:
+    """PRM records for `solutions`; with `out`, appended as they finish, and a rerun resumes after the last one."""
+    writer = ResumableJsonl(out) if out is not None else None
+    records = list(writer.records) if writer else []
+    if [r.get("id") for r in records] != [s.problem.id for s in solutions[: len(records)]]:
+        raise MCLabelError(f"{out}: existing records do not match these solutions; choose another output")
+    try:
+        todo = range(len(records), len(solutions))
+        for i in tqdm(todo, desc="mc labels", unit="solution", disable=len(todo) < 2, file=sys.stderr):
+            rec = label_solution(env, solutions[i], cfg, jax.random.fold_in(key, i))
+            records.append(rec)
+            if writer:
+                writer.append(rec)
+    finally:
+        if writer:
+            writer.close()
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+
+
+def solutions_from_trees(trees_dir: str | Path, per_problem: int = 4) -> list[Solution]:
+    """Root-to-answer paths of every saved tree in `trees_dir` or its `trees/` folder (a search's output folder),
+    in node order, at most `per_problem` per tree."""
+    from rstar_jax.search import tree_io
+
+    folder = Path(trees_dir) / "trees" if (Path(trees_dir) / "trees").is_dir() else Path(trees_dir)
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise MCLabelError(f"{trees_dir}: no saved trees (*.json) found")
+    out = []
+    for path in files:
+        saved = tree_io.load(path)
+        meta = saved.meta["problem"]
+        problem = Problem(str(meta["id"]), meta["question"], str(meta["answer"]), None, None, "tree")
+        leaves = [i for i, n in enumerate(saved.nodes) if n["kind"] == StepKind.ANSWER_TERMINAL.value]
+        out += [Solution(problem, path_texts(saved.nodes, saved.arrays["parent"], i)) for i in leaves[:per_problem]]
+    return out
+
+
+def solutions_from_jsonl(path: str | Path) -> list[Solution]:
+    out = []
+    for n, obj in iter_jsonl(path, required=("question", "answer", "steps")):
+        steps = obj["steps"]
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+            raise MCLabelError(f"{path}:{n}: 'steps' must be a non-empty list of strings")
+        out.append(Solution(Problem(str(obj.get("id", n)), str(obj["question"]), str(obj["answer"]), None, None,
+                                    "jsonl"), tuple(steps)))
+    return out
+
+
+def load_solutions(source: str | Path, per_problem: int = 4) -> list[Solution]:
+    """A trees folder or a solutions JSONL file."""
+    return solutions_from_trees(source, per_problem) if Path(source).is_dir() else solutions_from_jsonl(source)
+
+
+def run_mc_labels(policy: str, source: str | Path, out: str | Path, cfg: MCConfig = MCConfig(), *, seed: int = 0,
+                  per_problem: int = 4, few_shot: str = "", max_new_tokens: int = 256, max_steps: int = 16,
+                  sandbox_workers: int | None = None, sandbox_timeout_s: float = 5.0,
+                  allow_insecure_sandbox: bool = False) -> dict[str, Any]:
+    """`rstar-jax label mc`: load the policy, sandbox and grader, label every solution; returns a summary."""
+    from rstar_jax.math.grading import Grader
+    from rstar_jax.math.steps import StepRunner
+    from rstar_jax.models.hf_io import load_model
+    from rstar_jax.sampling import prepare_params
+    from rstar_jax.sandbox import SandboxPool
+    from rstar_jax.search.policy import LMProposer
+
+    solutions = load_solutions(source, per_problem)
+    lm = load_model(policy)
+    proposer = LMProposer(prepare_params(lm.params), lm.cfg, lm.tokenizer, max_new_tokens=max_new_tokens)
+    with SandboxPool(workers=sandbox_workers, timeout_s=sandbox_timeout_s,
+                     allow_insecure=allow_insecure_sandbox) as pool, Grader() as grader:
+        env = StepEnv(proposer, StepRunner(pool.run, max_steps=max_steps), lm.tokenizer, step_len=UNBOUNDED_STEP,
+                      grader=grader, few_shot=few_shot)
+        records = mc_labels(env, solutions, cfg, jax.random.key(seed), out=out)
+    steps = [h for r in records for h in r["hard_labels"]]
+    return {"solutions": len(records), "steps": len(steps),
+            "positive_steps": sum(steps), "solutions_without_error": sum(r["first_error"] == -1 for r in records),
+            "out": str(out)}

@@ -1,0 +1,227 @@
+"""The step environment every search method shares: K candidate steps for R open nodes, classified and scored.
+
+One `StepEnv.expand` call is one iteration's host work for a whole batch of open nodes (tree leaves, chain ends
+or beams): one batched proposer call (the policy: prefill each prompt once, K samples), identical texts removed,
+every candidate's program run in one sandbox batch (`StepRunner`, cached), answers graded against the gold
+answer when asked, and the new steps scored by the reward model in one batched forward when one is configured.
+
+The proposer is injectable (`Proposer`): `LMProposer` samples from a causal LM; tests script candidates.
+A node's tokens are `tokenizer.encode(node_text)` (the step as generated plus, for a code terminal, the
+inserted observation), so a node's prompt is the question's tokens followed by its path's node tokens, which
+is what `tree.gather_path` assembles on device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections import defaultdict
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from rstar_jax.data import Problem
+from rstar_jax.math.grading import Grader
+from rstar_jax.math.steps import STOP_STRINGS, StepKind, StepRunner, build_prompt
+from rstar_jax.sampling import Completion, SamplingConfig, generate
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One open node to expand."""
+
+    row: int  # index of its problem in the batch (counts are attributed to it)
+    problem: Problem
+    path_texts: tuple[str, ...]  # node texts from the root (exclusive) to this node
+    prompt_ids: tuple[int, ...]  # question tokens + path node tokens
+    key: jax.Array  # this node's sampling key (a scripted proposer uses it; see LMProposer)
+
+
+# (requests, samples per request, temperature) -> per request, that many completions
+Proposer = Callable[[Sequence[Request], int, float], list[list[Completion]]]
+# [(prompt text, step texts)] -> per item one score per step
+Scorer = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[float]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Child:
+    """A candidate step as the environment classified it."""
+
+    text: str  # node text (code terminal: with the observation)
+    token_ids: tuple[int, ...]  # tokens of `text`
+    kind: StepKind
+    answer: str | None = None  # ANSWER_TERMINAL only
+    correct: bool | None = None  # graded answers only
+    score: float | None = None  # reward-model score of this step, when scored
+    observation: str | None = None  # code output, or the failure line of a program that did not run
+    reason: str = ""  # INVALID only
+    exec_status: str | None = None  # sandbox status of the step's program, if it ran
+    num_tokens: int = 0  # tokens the policy generated for this candidate
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("token_ids")
+        d["kind"] = self.kind.value
+        return d
+
+
+PHASES = ("sampling", "sandbox", "grading", "reward", "tree")  # where a search's wall time goes
+
+
+class Stats:
+    """Wall seconds per phase and per-problem counts (tokens generated, programs requested from the sandbox)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.tokens: dict[str, int] = defaultdict(int)  # problem id -> tokens generated
+        self.programs: dict[str, int] = defaultdict(int)  # problem id -> programs requested (cache hits included)
+        self.policy_calls = 0
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
+
+
+def question_prompt(problem: Problem, few_shot: str = "") -> str:
+    return build_prompt(problem.question, (), few_shot)
+
+
+class LMProposer:
+    """Candidate steps sampled from a causal LM (params from `sampling.prepare_params`).
+
+    `sampling.generate` takes one key per call, so the call uses the first request's key and a sample's
+    stream also depends on its row in the call: the same problem searched in a different batch draws
+    different samples (scripted proposers, keyed per request, do not have this limit).
+    """
+
+    def __init__(self, params, cfg, tokenizer, max_new_tokens: int = 256, top_p: float = 1.0, top_k: int = 0):
+        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+        self.max_new_tokens, self.top_p, self.top_k = max_new_tokens, top_p, top_k
+
+    def __call__(self, requests: Sequence[Request], num: int, temperature: float) -> list[list[Completion]]:
+        settings = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p,
+                                  top_k=self.top_k, num_samples=num, stop=STOP_STRINGS)
+        return generate(self.params, self.cfg, self.tokenizer, [list(r.prompt_ids) for r in requests], settings,
+                        requests[0].key)
+
+
+class RewardScorer:
+    """Step scores from a reward model (`reward.score_steps`): PPM/value heads in [-1, 1], PRMs in [0, 1]."""
+
+    def __init__(self, params, cfg, tokenizer, num_labels: int, batch_size: int = 16, compute_dtype: Any = "float32"):
+        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+        self.low = -1.0 if num_labels == 1 else 0.0
+        self.batch_size, self.compute_dtype = batch_size, compute_dtype
+
+    def __call__(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        from rstar_jax.reward import score_steps
+
+        return score_steps(self.params, self.cfg, self.tokenizer, items, batch_size=self.batch_size,
+                           compute_dtype=self.compute_dtype)
+
+
+class StepEnv:
+    """Turns open nodes into classified children (see the module docstring)."""
+
+    def __init__(self, propose: Proposer, runner: StepRunner, tokenizer, grader: Grader, *, step_len: int,
+                 scorer: Scorer | None = None, few_shot: str = "",
+                 stats: Stats | None = None):
+        self.propose, self.runner, self.tokenizer = propose, runner, tokenizer
+        self.step_len, self.grader, self.scorer, self.few_shot = step_len, grader, scorer, few_shot
+        self.stats = stats or Stats()
+
+    @property
+    def max_depth(self) -> int:
+        return self.runner.max_steps
+
+    def question_ids(self, problem: Problem) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(question_prompt(problem, self.few_shot), add_special_tokens=True))
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text))
+
+    def score_paths(self, items: Sequence[tuple[Problem, Sequence[str]]]) -> list[list[float]]:
+        """Reward-model scores of every step of each (problem, step texts); the prompt has no few-shot part."""
+        if self.scorer is None:
+            raise ValueError("score_paths: no reward model configured")
+        with self.stats.timed("reward"):
+            return self.scorer([(question_prompt(p), steps) for p, steps in items])
+
+    def expand(self, requests: Sequence[Request], num: int, temperature: float, *, grade: bool, score: bool,
+               one_answer: bool = False) -> list[list[Child]]:
+        """`num` candidates per request -> the kept children (identical texts removed).
+
+        grade: check answers against `problem.answer`; score: reward-model score of every kept child;
+        one_answer: keep only the first answer terminal of each request (rStar-Math's MCTS).
+        """
+        if not requests:
+            return []
+        with self.stats.timed("sampling"):
+            completions = self.propose(requests, num, temperature)
+        self.stats.policy_calls += 1
+        texts: list[list[str]] = []
+        counts: list[list[int]] = []
+        for req, comps in zip(requests, completions):
+            seen: dict[str, int] = {}
+            for c in comps:
+                self.stats.tokens[req.problem.id] += len(c.token_ids)
+                if c.text not in seen:
+                    seen[c.text] = len(c.token_ids)
+            texts.append(list(seen))
+            counts.append(list(seen.values()))
+        with self.stats.timed("sandbox"):
+            outcomes = self.runner.expand([(req.path_texts, t) for req, t in zip(requests, texts)])
+        rows: list[list[Child]] = []
+        for req, outs, ns in zip(requests, outcomes, counts):
+            row: list[Child] = []
+            has_answer = False
+            for out, n in zip(outs, ns):
+                if out.program:
+                    self.stats.programs[req.problem.id] += 1
+                if out.kind == StepKind.ANSWER_TERMINAL:
+                    if has_answer and one_answer:
+                        continue
+                    has_answer = True
+                ids = self.encode(out.text)
+                kind, reason = out.kind, out.reason
+                if len(ids) > self.step_len:
+                    kind, reason = StepKind.INVALID, f"step has {len(ids)} tokens > step buffer {self.step_len}"
+                    ids = ids[: self.step_len]  # an invalid leaf's tokens never enter a prompt
+                row.append(Child(out.text, ids, kind, out.answer if kind == StepKind.ANSWER_TERMINAL else None,
+                                 observation=out.observation, reason=reason,
+                                 exec_status=out.result.status if out.result is not None else None, num_tokens=n))
+            rows.append(row)
+        if grade:
+            rows = self._grade(requests, rows)
+        if score and self.scorer is not None:
+            rows = self._score(requests, rows)
+        return rows
+
+    def _grade(self, requests: Sequence[Request], rows: list[list[Child]]) -> list[list[Child]]:
+        where = [(i, j) for i, row in enumerate(rows) for j, c in enumerate(row) if c.kind == StepKind.ANSWER_TERMINAL]
+        with self.stats.timed("grading"):
+            ok = self.grader.equivalent_many([(requests[i].problem.answer, rows[i][j].answer) for i, j in where])
+        for (i, j), good in zip(where, ok):
+            rows[i][j] = dataclasses.replace(rows[i][j], correct=good)
+        return rows
+
+    def _score(self, requests: Sequence[Request], rows: list[list[Child]]) -> list[list[Child]]:
+        where = [(i, j) for i, row in enumerate(rows) for j, c in enumerate(row) if c.kind != StepKind.INVALID]
+        items = [(requests[i].problem, [*requests[i].path_texts, rows[i][j].text]) for i, j in where]
+        scores = self.score_paths(items) if items else []
+        for (i, j), s in zip(where, scores):
+            rows[i][j] = dataclasses.replace(rows[i][j], score=float(s[-1]))
+        return rows
+
+    def unit_value(self, score: float | None, default: float = 0.5) -> float:
+        """A reward-model score mapped to [0, 1] (PPM tanh scores are in [-1, 1]); `default` when unscored."""
+        if score is None or self.scorer is None or not np.isfinite(score):
+            return default
+        low = getattr(self.scorer, "low", 0.0)
+        return (score - low) / (1.0 - low)

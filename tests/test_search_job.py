@@ -1,0 +1,102 @@
+"""The `search` job end to end on a tiny random HF model: outputs, resume after a crash, bad arguments."""
+
+import json
+
+import pytest
+
+from rstar_jax.models.hf_io import load_model
+from rstar_jax.search import tree_io
+from rstar_jax.search.policy import RewardScorer
+from rstar_jax.search.job import SearchJobError, run_search
+from rstar_jax.search.view import write_html
+
+SPEC = "synth:levels=1-2,n=4,seed=0"
+
+
+def job(folder, out, **kw):
+    args = dict(method="mcts", rollouts=1, candidates=2, max_depth=3, max_new_tokens=6, few_shot=0, batch=2,
+                sandbox_workers=1, allow_insecure_sandbox=True, progress=False)
+    return run_search(str(folder), SPEC, out=str(out), **(args | kw))
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_search_writes_trees_results_summary_and_resumes(tiny_hf_folder, tmp_path):
+    folder, _ = tiny_hf_folder()
+    out = tmp_path / "run"
+    summary = job(folder, out, limit=3)
+    recs = lines(out / "results.jsonl")
+    assert [r["id"] for r in recs] == [f"synth-s0-00000{i}" for i in range(3)]
+    for r in recs:
+        assert set(r) >= {"id", "answer", "gold", "correct", "tokens", "sandbox_calls", "wall_s", "tree"}
+        assert r["tokens"] > 0 and r["wall_s"] > 0 and r["correct"] is False  # a random model solves nothing
+        t = tree_io.load(out / r["tree"])
+        assert t.meta["problem"]["id"] == r["id"] and t.num_nodes >= 2 and t.nodes[0]["kind"] == "root"
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 3 and summary["accuracy"] == 0.0 and summary["gold_used_in_search"]
+    assert summary["tokens_per_problem"] == sum(r["tokens"] for r in recs) / 3 and summary["problems_per_hour"] > 0
+    assert summary["time_split_s"]["sampling"] > 0
+
+    # a crash mid-write: the last line torn; the rerun keeps the 2 whole lines and searches the rest
+    text = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(text[:2]) + text[2][:25])
+    job(folder, out)  # no limit now: problems 2 and 3 remain
+    again = lines(out / "results.jsonl")
+    assert [r["id"] for r in again] == [f"synth-s0-00000{i}" for i in range(4)]
+    assert again[:2] == recs[:2]
+    # problem 2 leads its batch both times, so it is searched with the same key: same samples, same result
+    assert again[2]["answer"] == recs[2]["answer"] and again[2]["tokens"] == recs[2]["tokens"]
+    assert json.loads((out / "summary.json").read_text())["problems"] == 4
+
+
+def test_search_baseline_and_bad_arguments(tiny_hf_folder, tmp_path):
+    folder, _ = tiny_hf_folder()
+    s = job(folder, tmp_path / "greedy", method="greedy", limit=2)
+    assert s["problems"] == 2 and s["method"] == "greedy" and not s["gold_used_in_search"]
+    rec = lines(tmp_path / "greedy" / "results.jsonl")[0]
+    page = write_html(tmp_path / "greedy" / rec["tree"], tmp_path / "g.html").read_text()
+    assert page.count("<details") == tree_io.load(tmp_path / "greedy" / rec["tree"]).num_nodes
+    s = job(folder, tmp_path / "star", method="mcts-star", mode="inference", rollouts=2, limit=1)
+    assert s["problems"] == 1 and s["solved_rate"] == 0.0 and not s["gold_used_in_search"]
+    rm, _ = tiny_hf_folder(num_labels=1, seed=1, name="rm")
+    s = job(folder, tmp_path / "bon", method="bon", reward_model=str(rm), samples=2, limit=1)
+    rec = lines(tmp_path / "bon" / "results.jsonl")[0]
+    assert s["problems"] == 1 and s["method"] == "bon" and rec["tokens"] > 0
+    loaded = load_model(str(rm))
+    scorer = RewardScorer(loaded.params, loaded.cfg, loaded.tokenizer, loaded.num_labels)
+    [scores] = scorer([("Q: 1 + 1?", ["x = 1 + 1\n<end_of_step>", "print(x)\n<end_of_code>"])])
+    assert scorer.low == -1.0 and len(scores) == 2 and all(-1 < v < 1 for v in scores) and scores[0] != scores[1]
+    with pytest.raises(SearchJobError, match="not a reward model"):
+        job(folder, tmp_path / "bon2", method="bon", reward_model=str(folder), limit=1)
+    with pytest.raises(SearchJobError, match="another method"):
+        job(folder, tmp_path / "greedy", method="maj", limit=2)
+    with pytest.raises(SearchJobError, match="--method 'dfs'"):
+        job(folder, tmp_path / "x", method="dfs")
+    with pytest.raises(SearchJobError, match="needs --reward-model"):
+        job(folder, tmp_path / "y", method="bon")
+    with pytest.raises(SearchJobError, match="--batch=0"):
+        job(folder, tmp_path / "z", batch=0)
+    with pytest.raises(ValueError, match="mode 'x'"):
+        job(folder, tmp_path / "w", mode="x")
+
+
+def test_search_and_view_tree_through_the_cli(tiny_hf_folder, tmp_path, capsys):
+    from rstar_jax.cli import main
+
+    folder, _ = tiny_hf_folder()
+    out = tmp_path / "cli"
+    argv = ["search", "--model", str(folder), "--problems", "synth:levels=1,n=2,seed=0", "--method", "mcts",
+            "--rollouts", "1", "--candidates", "2", "--max-depth", "2", "--max-new-tokens", "8", "--few-shot", "0",
+            "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 2 and len((out / "results.jsonl").read_text().splitlines()) == 2
+    tree = sorted((out / "trees").glob("*.json"))[0]
+    assert main(["view-tree", str(tree), "--out", str(tmp_path / "t.html")]) == 0
+    assert (tmp_path / "t.html").read_text().lstrip().lower().startswith("<!doctype html")
+    capsys.readouterr()
+    assert main(["search", "--model", str(folder), "--problems", "synth:levels=9,n=2,seed=0", "--method", "greedy",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "levels" in capsys.readouterr().err
