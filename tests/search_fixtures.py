@@ -7,6 +7,7 @@ Exactly the paths with x * 2 == t are correct, so the best path is known.
 
 from __future__ import annotations
 
+import pytest
 import re
 
 import jax
@@ -68,3 +69,19 @@ def toy_scorer(good: str):
 
     score.low = -1.0
     return score
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    from rstar_jax.sandbox import SandboxPool
+
+    with SandboxPool(workers=2, timeout_s=5.0, allow_insecure=True) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def grader():
+    from rstar_jax.math.grading import Grader
+
+    with Grader() as g:
+        yield g

@@ -4,26 +4,11 @@ with each aggregation, step-level beam search; budgets and picks checked exactly
 import jax
 import pytest
 
-from rstar_jax.math.grading import Grader
 from rstar_jax.math.steps import StepRunner
 from rstar_jax.search import baselines
 from rstar_jax.search.mcts import SearchConfigError
 from rstar_jax.search.policy import StepEnv
-from search_fixtures import ScriptedProposer, toy_problem, toy_scorer
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    from rstar_jax.sandbox import SandboxPool
-
-    with SandboxPool(workers=2, timeout_s=5.0, allow_insecure=True) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def grader():
-    with Grader() as g:
-        yield g
+from search_fixtures import ScriptedProposer, grader, sandbox, toy_problem, toy_scorer  # noqa: F401 (fixtures)
 
 
 def run(sandbox, grader, tokenizer, cfg, problems, scorer=None, seed=0, shuffle=True):

@@ -5,7 +5,6 @@ import jax
 import numpy as np
 import pytest
 
-from rstar_jax.math.grading import Grader
 from rstar_jax.math.steps import StepRunner
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.params import init_params
@@ -13,21 +12,7 @@ from rstar_jax.sampling import prepare_params
 from rstar_jax.search import mcts, mcts_star
 from rstar_jax.search.policy import LMProposer, Request, StepEnv
 from rstar_jax.search.tree import Tree
-from search_fixtures import ScriptedProposer, toy_problem, toy_scorer
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    from rstar_jax.sandbox import SandboxPool
-
-    with SandboxPool(workers=2, timeout_s=5.0, allow_insecure=True) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def grader():
-    with Grader() as g:
-        yield g
+from search_fixtures import ScriptedProposer, grader, sandbox, toy_problem, toy_scorer  # noqa: F401 (fixtures)
 
 
 def make_env(sandbox, grader, tokenizer, proposer, scorer=None, max_depth=6):
