@@ -48,7 +48,7 @@ def test_two_processes_match_one(tmp_path):
         assert p.returncode == 0, log[-3000:]
     run_training("sft", "random", str(data), str(tmp_path / "single"), ARGS)
     multi, single = _metrics(tmp_path / "multi"), _metrics(tmp_path / "single")
-    assert len(multi[0]) == 4 and len(multi[1]) == 1
+    assert len(multi[0]) == 4 and len(multi[1]) == 2  # eval at step 0 (baseline) and at the end
     np.testing.assert_allclose(multi[0], single[0], rtol=1e-5)
     np.testing.assert_allclose(multi[1], single[1], rtol=1e-5)
     assert sorted(int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
