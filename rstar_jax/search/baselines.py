@@ -25,7 +25,8 @@ from rstar_jax.data import Problem
 from rstar_jax.math.steps import StepKind
 from rstar_jax.scoring import AGGREGATIONS, aggregate
 from rstar_jax.search import tree_io
-from rstar_jax.search.mcts import ProblemResult, SearchConfigError, check_positive, request_key
+from rstar_jax.search.mcts import (ProblemResult, SearchConfigError, check_choice, check_nonnegative, check_positive,
+                                   request_key)
 from rstar_jax.search.policy import Child, Request, StepEnv
 
 METHODS = ("greedy", "maj", "bon", "beam")
@@ -40,13 +41,10 @@ class BaselineConfig:
     aggregation: str = "min"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise SearchConfigError(f"baseline method {self.method!r}: must be one of {', '.join(METHODS)}")
-        if self.aggregation not in AGGREGATIONS:
-            raise SearchConfigError(f"aggregation {self.aggregation!r}: must be one of {', '.join(AGGREGATIONS)}")
+        check_choice("baseline method", self.method, METHODS)
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_positive("BaselineConfig", samples=self.samples, candidates=self.candidates)
-        if self.temperature < 0:
-            raise SearchConfigError(f"BaselineConfig.temperature={self.temperature!r}: must be >= 0")
+        check_nonnegative("BaselineConfig", temperature=self.temperature)
 
     @property
     def needs_reward_model(self) -> bool:

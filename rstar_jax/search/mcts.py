@@ -50,6 +50,17 @@ def check_positive(owner: str, **values: float) -> None:
             raise SearchConfigError(f"{owner}.{name}={v!r}: must be > 0")
 
 
+def check_nonnegative(owner: str, **values: float) -> None:
+    for name, v in values.items():
+        if v < 0:
+            raise SearchConfigError(f"{owner}.{name}={v!r}: must be >= 0")
+
+
+def check_choice(label: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise SearchConfigError(f"{label} {value!r}: must be one of {', '.join(options)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class MCTSConfig:
     mode: str = "terminal"
@@ -62,11 +73,9 @@ class MCTSConfig:
     max_nodes: int = 0  # tree capacity; 0 = room for every rollout to expand every level
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise SearchConfigError(f"mode {self.mode!r}: must be one of {', '.join(MODES)}")
+        check_choice("mode", self.mode, MODES)
         check_positive("MCTSConfig", rollouts=self.rollouts, candidates=self.candidates, top_n=self.top_n)
-        if self.temperature < 0:
-            raise SearchConfigError(f"MCTSConfig.temperature={self.temperature!r}: must be >= 0")
+        check_nonnegative("MCTSConfig", temperature=self.temperature)
 
     def num_nodes(self, max_depth: int) -> int:
         return self.max_nodes or 1 + self.rollouts * max_depth * self.candidates

@@ -34,7 +34,7 @@ import numpy as np
 from rstar_jax.data import Problem
 from rstar_jax.math.steps import StepKind
 from rstar_jax.search import tree_io
-from rstar_jax.search.mcts import (MODES, ProblemResult, SearchConfigError, check_positive, pack, path_texts,
+from rstar_jax.search.mcts import (MODES, ProblemResult, check_choice, check_nonnegative, check_positive, pack, path_texts,
                                    record_children, request_key, tree_result)
 from rstar_jax.search.policy import Child, Request, StepEnv
 from rstar_jax.search.tree import TreeConfig, expand, gather_path, new_tree
@@ -56,11 +56,9 @@ class StarSearchConfig:
     max_nodes: int = 0  # 0 = one expansion per iteration
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise SearchConfigError(f"mode {self.mode!r}: must be one of {', '.join(MODES)}")
+        check_choice("mode", self.mode, MODES)
         check_positive("StarSearchConfig", iterations=self.iterations, branch=self.branch, top_n=self.top_n)
-        if self.rollout_steps < 0:
-            raise SearchConfigError(f"StarSearchConfig.rollout_steps={self.rollout_steps!r}: must be >= 0")
+        check_nonnegative("StarSearchConfig", rollout_steps=self.rollout_steps)
         StarConfig(self.c, self.unvisited_bonus, self.alpha, self.end_gate)  # validates those fields
 
     @property
