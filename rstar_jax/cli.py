@@ -54,9 +54,22 @@ def _problems_sft(a: argparse.Namespace) -> None:
 
 def _eval(a: argparse.Namespace) -> None:
     from rstar_jax.evaluate.metrics import eval_samples
+    from rstar_jax.evaluate.suite import EvalSuiteError, run_eval
 
-    eval_samples(a.samples, a.out, grader_workers=a.grader_workers)
-    print(os.path.join(a.out, "metrics.md"))
+    if (a.samples is None) == (a.model is None):
+        raise EvalSuiteError("give either --samples FILE or --model M --problems FILE (not both)")
+    if a.samples is not None:
+        eval_samples(a.samples, a.out, grader_workers=a.grader_workers)
+        print(os.path.join(a.out, "metrics.md"))
+        return
+    if a.problems is None:
+        raise EvalSuiteError("--model: needs --problems FILE (a problem jsonl or a synth:... spec)")
+    run_eval(a.model, a.problems, a.out, reward_model=a.reward_model, num_samples=a.num_samples,
+             methods=a.methods.split(","), limit=a.limit, batch=a.batch, seed=a.seed, max_depth=a.max_depth,
+             max_new_tokens=a.max_new_tokens, few_shot=a.few_shot, temperature=a.temperature, rollouts=a.rollouts,
+             candidates=a.candidates, beam_width=a.beam_width, dtype=a.dtype, sandbox_workers=a.sandbox_workers,
+             allow_insecure_sandbox=a.allow_insecure_sandbox, grader_workers=a.grader_workers)
+    print(os.path.join(a.out, "report.md"))
 
 
 def _processbench(a: argparse.Namespace) -> None:
@@ -87,6 +100,37 @@ def _view_tree(a: argparse.Namespace) -> None:
     print(write_html(a.tree, a.out))
 
 
+def _label_trees(a: argparse.Namespace) -> None:
+    from rstar_jax.labels.job import label_ppm, label_sft, label_value
+    from rstar_jax.labels.ppm_pairs import PairConfig
+
+    if a.label_command == "sft":
+        summary = label_sft(a.trees, a.out, top=a.top, min_accuracy=a.min_accuracy)
+    elif a.label_command == "ppm":
+        summary = label_ppm(a.trees, a.out, PairConfig(a.min_gap, a.min_edit, not a.no_answer_pairs))
+    else:
+        summary = label_value(a.trees, a.out)
+    print(json.dumps(summary, indent=2))
+
+
+def _label_mc(a: argparse.Namespace) -> None:
+    from rstar_jax.labels.mc import MCConfig, run_mc_labels
+
+    cfg = MCConfig(k=a.k, threshold=a.threshold, temperature=a.temperature, labels=a.labels, batch=a.batch)
+    summary = run_mc_labels(a.policy, a.trees, a.out, cfg, seed=a.seed, per_problem=a.per_problem,
+                            max_new_tokens=a.max_new_tokens, max_steps=a.max_steps, sandbox_workers=a.sandbox_workers,
+                            sandbox_timeout_s=a.sandbox_timeout, allow_insecure_sandbox=a.allow_insecure_sandbox)
+    print(json.dumps(summary, indent=2))
+
+
+def _label_consensus(a: argparse.Namespace) -> None:
+    from rstar_jax.labels.consensus import run_consensus
+
+    report = run_consensus(a.judge, a.mc, a.out, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                           chat=a.chat)
+    print(json.dumps(report, indent=2))
+
+
 def _train(a: argparse.Namespace) -> None:
     from rstar_jax.train import run_training
 
@@ -97,6 +141,13 @@ def _export(a: argparse.Namespace) -> None:
     from rstar_jax.train import export_checkpoint
 
     print(export_checkpoint(a.checkpoint, a.out))
+
+
+def _evolve(a: argparse.Namespace) -> None:
+    from rstar_jax.evolve import run_evolve
+
+    report = run_evolve(a.config, a.out, a.overrides, allow_insecure_sandbox=a.allow_insecure_sandbox)
+    print(f"report: {report}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +229,48 @@ def build_parser() -> argparse.ArgumentParser:
     vt.add_argument("--out", required=True)
     vt.set_defaults(fn=_view_tree)
 
+    lb = sub.add_parser("label", help="training data from saved trees: sft, ppm pairs, mc labels, consensus, value")
+    lbs = lb.add_subparsers(dest="label_command", required=True)
+    trees_help = "a search's output folder or its trees/"
+    ls = lbs.add_parser("sft", help="policy SFT {prompt, response}: per problem the top correct trajectories by mean Q")
+    ls.add_argument("--top", type=int, default=2, help="trajectories per problem")
+    ls.add_argument("--min-accuracy", type=float, default=0.0, help="drop problems whose trajectory accuracy is lower")
+    lp = lbs.add_parser("ppm", help="PPM preference pairs {prompt, pos, neg, pos_count, neg_count}")
+    lp.add_argument("--min-gap", type=float, default=0.5, help="least Q(pos) - Q(neg)")
+    lp.add_argument("--min-edit", type=int, default=20, help="least character edit distance of pos and neg")
+    lp.add_argument("--no-answer-pairs", action="store_true", help="no whole-trajectory pairs for the answer step")
+    lv = lbs.add_parser("value", help="ReST-MCTS* value targets {prompt, steps, values}")
+    for q in (ls, lp, lv):
+        q.add_argument("--trees", required=True, help=trees_help)
+        q.add_argument("--out", required=True, help="output JSONL")
+        q.set_defaults(fn=_label_trees)
+    lm = lbs.add_parser("mc", help="Monte-Carlo step labels {prompt, steps, labels} (PRM data); resumable")
+    lm.add_argument("--trees", required=True, help=trees_help + ", or a JSONL of {id, question, answer, steps}")
+    lm.add_argument("--policy", required=True, help="completion model: HF folder, .gguf or alias")
+    lm.add_argument("--out", required=True, help="output JSONL; rerun the same command to resume")
+    lm.add_argument("--k", type=int, default=8, help="completions per step")
+    lm.add_argument("--threshold", type=int, default=1, help="hard label 1 when at least this many are correct")
+    lm.add_argument("--labels", choices=["soft", "hard"], default="soft")
+    lm.add_argument("--per-problem", type=int, default=4, help="trajectories labelled per tree")
+    lm.add_argument("--temperature", type=float, default=0.7)
+    lm.add_argument("--batch", type=int, default=64, help="completions advanced together")
+    lm.add_argument("--seed", type=int, default=0)
+    lm.add_argument("--max-new-tokens", type=int, default=256, help="per step")
+    lm.add_argument("--max-steps", type=int, default=16)
+    lm.add_argument("--sandbox-workers", type=int)
+    lm.add_argument("--sandbox-timeout", type=float, default=5.0, help="seconds per program")
+    lm.add_argument("--allow-insecure-sandbox", action="store_true")
+    lm.set_defaults(fn=_label_mc)
+    lc = lbs.add_parser("consensus", help="keep MC-labelled solutions whose first error an LLM judge confirms")
+    lc.add_argument("--mc", required=True, help="MC-label JSONL from `rstar-jax label mc`")
+    lc.add_argument("--judge", required=True, help="judge model: HF folder, .gguf or alias")
+    lc.add_argument("--out", required=True, help="kept records (PRM JSONL); judgements resume from OUT.judged.jsonl")
+    lc.add_argument("--max-new-tokens", type=int, default=512)
+    lc.add_argument("--batch-size", type=int, default=8)
+    lc.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="wrap prompts in the chat template (default: when the tokenizer has one)")
+    lc.set_defaults(fn=_label_consensus)
+
     t = sub.add_parser("train", help="policy SFT, PPM (pairwise), PRM (per step) or value-model training",
                        usage="rstar-jax train {sft,ppm,prm,value} --model M --data FILE --out DIR [CONFIG.yaml ...] [key=value ...]")
     t.add_argument("kind", choices=["sft", "ppm", "prm", "value"])
@@ -191,9 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.set_defaults(fn=_export)
 
-    ev = sub.add_parser("eval", help="greedy / pass@1 / maj@N / BoN@N (min, product, last) from a samples file")
-    ev.add_argument("--samples", required=True, help="JSONL: per problem the gold answer and scored samples")
-    ev.add_argument("--out", required=True)
+    ev = sub.add_parser("eval", help="greedy, maj@N, BoN@N (min, product, last), beam, MCTS: of a model on problems "
+                                     "(--model --problems) or from a samples file (--samples)")
+    ev.add_argument("--samples", help="JSONL: per problem the gold answer and scored samples (instead of --model)")
+    ev.add_argument("--model", help="policy: HF folder, .gguf, alias, or an exported checkpoint folder")
+    ev.add_argument("--problems", help='with --model: problem jsonl or a synthetic spec "synth:levels=1-2,n=32,seed=0"')
+    ev.add_argument("--reward-model", help="PPM / PRM folder: BoN step scores, beam search, PPM-scored MCTS")
+    ev.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
+    ev.add_argument("--num-samples", type=int, default=64, help="one set of samples per problem for maj@N / BoN@N")
+    ev.add_argument("--methods", default="greedy,samples,beam,mcts", help="comma-separated subset")
+    ev.add_argument("--limit", type=int)
+    ev.add_argument("--batch", type=int, default=8, help="problems searched together")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-depth", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="per step")
+    ev.add_argument("--few-shot", type=int, default=2, help="synthetic reference solutions in the prompt")
+    ev.add_argument("--temperature", type=float, help="samples, beam and MCTS (default 0.8)")
+    ev.add_argument("--rollouts", type=int, help="MCTS rollouts (16)")
+    ev.add_argument("--candidates", type=int, help="MCTS K (8) / beam steps per beam (4)")
+    ev.add_argument("--beam-width", type=int, default=4)
+    ev.add_argument("--sandbox-workers", type=int)
+    ev.add_argument("--allow-insecure-sandbox", action="store_true")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ev.add_argument("--grader-workers", type=int, default=1)
     ev.set_defaults(fn=_eval)
 
@@ -207,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--batch-size", type=int, default=16)
     pb.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     pb.set_defaults(fn=_processbench)
+    ev2 = sub.add_parser("evolve", help="self-evolution rounds: MCTS -> SFT data -> policy -> PPM pairs -> PPM -> eval",
+                         usage="rstar-jax evolve --config CONFIG.yaml --out RUN_DIR [key=value ...]")
+    ev2.add_argument("--config", required=True, help="evolve config (configs/evolve/*.yaml)")
+    ev2.add_argument("--out", required=True, help="run folder; rerun the same command to resume")
+    ev2.add_argument("--allow-insecure-sandbox", action="store_true")
+    ev2.set_defaults(fn=_evolve, takes_overrides=True)  # trailing key=value overrides of the evolve config
     return p
 
 

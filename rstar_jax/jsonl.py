@@ -37,6 +37,23 @@ def iter_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tup
         raise InputError(f"{p}: file is empty")
 
 
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Write a whole JSONL file atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     return [obj for _, obj in iter_jsonl(path, required)]
 

@@ -87,6 +87,19 @@ def test_stdout_is_bounded_but_last_line_survives(pool):
     assert r.last_line == "9999"
 
 
+def test_each_program_gets_pristine_pipe_backed_stdio(pool):
+    # The streams are built once in the template: text one program leaves unflushed must never reach
+    # another, and they must behave as pipes even when the host's own stderr is a file (as under pytest).
+    leak = "import os, sys\nsys.stdout.write('leaked')\nsys.stderr.write('leaked')\nos._exit(0)"
+    probe = ("import sys\nprint(sys.stdin.read() == '', [(s.fileno(), s.seekable(), s.line_buffering, s.encoding)"
+             " for s in (sys.stdout, sys.stderr)])")
+    results = pool.run([leak, probe] * 4)
+    assert [r.status for r in results] == ["exit", "ok"] * 4
+    expected = "True [(1, False, True, 'utf-8'), (2, False, True, 'utf-8')]\n"
+    assert all(r.stdout == expected and r.stderr == "" for r in results[1::2])
+    assert all(r.stdout == "" for r in results[::2])
+
+
 def test_exec_result_json_round_trip_and_validation():
     r = ExecResult(status="error", stdout="x\n", last_line="x", error_type="ValueError", wall_ms=1.5)
     assert ExecResult.from_json(json.loads(json.dumps(r.to_json()))) == r

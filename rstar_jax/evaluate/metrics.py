@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 from rstar_jax.jsonl import InputError, iter_jsonl
 from rstar_jax.math.grading import Grader, extract_answer
+from rstar_jax.plots import plot_accuracy
 from rstar_jax.scoring import AGGREGATIONS, aggregate
 
 
@@ -201,32 +202,6 @@ def _table(m: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(m: dict[str, Any], x_key: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [row[x_key] for row in m["by_n"]]
-    for key in m["by_n"][0]:
-        if key not in ("N", "tokens"):
-            ax.plot(xs, [row[key] for row in m["by_n"]], marker="o", label=f"{key}@N")
-    if "greedy" in m:
-        if x_key == "tokens":
-            ax.scatter([m["greedy_tokens"]], [m["greedy"]], marker="*", s=120, color="black", label="greedy", zorder=3)
-        else:
-            ax.axhline(m["greedy"], color="black", linestyle="--", label="greedy")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("samples per problem (N)" if x_key == "N" else "generated tokens per problem")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def eval_samples(samples_path: str | Path, out_dir: str | Path, *, grader: Grader | None = None,
                  grader_workers: int = 1) -> dict[str, Any]:
     """`rstar-jax eval --samples`: read, grade, write metrics.json / metrics.md / PNGs into `out_dir`."""
@@ -243,7 +218,8 @@ def eval_samples(samples_path: str | Path, out_dir: str | Path, *, grader: Grade
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
     (out / "metrics.md").write_text(_table(m))
-    _plot(m, "N", out / "accuracy_vs_n.png")
+    points = [("greedy", m["greedy"], m.get("greedy_tokens"))] if "greedy" in m else []
+    plot_accuracy(m["by_n"], points, "N", out / "accuracy_vs_n.png")
     if "tokens" in m["by_n"][0]:
-        _plot(m, "tokens", out / "accuracy_vs_tokens.png")
+        plot_accuracy(m["by_n"], points, "tokens", out / "accuracy_vs_tokens.png")
     return m

@@ -68,6 +68,7 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 # It exceeds the kernel's PID_MAX_LIMIT, so it can never be a real pid.
 _PID_PLACEHOLDER = 0x3A5C7E91
 _INSN = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+_PID = struct.Struct("=I")  # its last field, k
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
@@ -121,26 +122,33 @@ def _compile() -> bytes:
 
 
 class Filter:
-    """The compiled filter; build in the template, install() in each forked child."""
+    """The compiled filter; build in the template, install() in each forked child.
+
+    Building it also sets no_new_privs on the template (it never execs), so children inherit the
+    flag, and prepares the kernel-ready program there: a child only binds its pid and loads it.
+    """
 
     def __init__(self):
         if _LIB is None:
             raise OSError(errno.ENOSYS, "libseccomp.so.2 not found")
-        self._bpf = _compile()
-        self._pid_offsets = [off for off in range(0, len(self._bpf), _INSN.size)
-                             if _INSN.unpack_from(self._bpf, off)[3] == _PID_PLACEHOLDER]
+        bpf = _compile()
+        self._pid_offsets = [off + _INSN.size - _PID.size for off in range(0, len(bpf), _INSN.size)
+                             if _INSN.unpack_from(bpf, off)[3] == _PID_PLACEHOLDER]
         if not self._pid_offsets:
             raise OSError(errno.EINVAL, "compiled seccomp filter has no pid comparison to bind")
+        self._prog = ctypes.create_string_buffer(bpf, len(bpf))  # each child patches its own copy
+        self._fprog = _SockFprog(len(bpf) // _INSN.size, ctypes.addressof(self._prog))
+        _check(_LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "setting no_new_privs")
 
     def install(self, own_pid: int) -> None:
-        """Load the filter into the calling process, bound to its pid (irreversible; sets no_new_privs)."""
-        prog = bytearray(self._bpf)
+        """Load the filter into the calling process, bound to its pid (irreversible)."""
         for off in self._pid_offsets:
-            code, jt, jf, _ = _INSN.unpack_from(prog, off)
-            _INSN.pack_into(prog, off, code, jt, jf, own_pid)
-        buf = (ctypes.c_char * len(prog)).from_buffer(prog)
-        fprog = _SockFprog(len(prog) // _INSN.size, ctypes.addressof(buf))
-        if _LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or \
-                _LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"loading the seccomp filter failed: {os.strerror(err)}")
+            _PID.pack_into(self._prog, off, own_pid)
+        rc = _LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(self._fprog), 0, 0)
+        _check(rc, "loading the seccomp filter")
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what} failed: {os.strerror(err)}")

@@ -17,15 +17,15 @@ evaluated synthetic set (`FEW_SHOT_SEED`, or the next seed if the evaluated set 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import os
 import sys
 import time
 import zlib
 from pathlib import Path
 from typing import Any
 
-from rstar_jax.jsonl import InputError, ResumableJsonl
+from rstar_jax.jsonl import InputError, ResumableJsonl, write_json
 from rstar_jax.search.policy import PHASES
 
 METHODS = ("mcts", "mcts-star", "greedy", "maj", "bon", "beam")
@@ -56,11 +56,14 @@ def method_config(method: str, mode: str, rollouts: int | None, candidates: int 
     raise SearchJobError(f"--method {method!r}: must be one of {', '.join(METHODS)}")
 
 
-def few_shot_text(problems_spec: str, n: int) -> str:
+def few_shot_text(problems_spec: str, n: int | str) -> str:
+    """`n` synthetic reference solutions as demonstrations; a string `n` is a configured few-shot text itself."""
     from rstar_jax.data import generate as synth
     from rstar_jax.data import parse_synth_spec
     from rstar_jax.math.steps import few_shot_prefix
 
+    if isinstance(n, str):
+        return n
     if n <= 0:
         return ""
     seed = FEW_SHOT_SEED
@@ -98,19 +101,15 @@ def _graded(grader, problem, result):
     return dataclasses.replace(result, solved=any(grader.equivalent_many([(problem.answer, a) for a in answers])))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def run_search(model: str, problems: str, method: str, out: str, *, reward_model: str | None = None,
                rollouts: int | None = None, candidates: int | None = None, samples: int | None = None,
                max_depth: int = 16, mode: str = "terminal", limit: int | None = None, batch: int = 8, seed: int = 0,
-               temperature: float | None = None, max_new_tokens: int = 256, few_shot: int = 2,
+               temperature: float | None = None, max_new_tokens: int = 256, few_shot: int | str = 2,
                aggregation: str = "min", sandbox_workers: int | None = None, sandbox_timeout: float = 5.0,
-               allow_insecure_sandbox: bool = False, dtype: str = "float32", progress: bool = True) -> dict[str, Any]:
-    """Run `method` over `problems` (a jsonl path or a "synth:..." spec) into `out`; returns the summary."""
+               allow_insecure_sandbox: bool = False, dtype: str = "float32", progress: bool = True,
+               pool=None) -> dict[str, Any]:
+    """Run `method` over `problems` (a jsonl path or a "synth:..." spec) into `out`; returns the summary.
+    `pool`: a running SandboxPool to use (a driver running many searches starts one, before JAX)."""
     from rstar_jax.sandbox import SandboxPool
 
     for name, v in (("--batch", batch), ("--max-depth", max_depth), ("--max-new-tokens", max_new_tokens)):
@@ -139,12 +138,16 @@ def run_search(model: str, problems: str, method: str, out: str, *, reward_model
             diff = next(k for k in settings if old.get(k) != settings[k])
             raise SearchJobError(f"{out}: holds a run with another {diff} ({old.get(diff)!r}); choose another --out")
     else:
-        _write_json(config_path, settings)
+        write_json(config_path, settings)
 
+    run = functools.partial(_run, settings=settings, method_cfg=method_cfg, problems_spec=problems, out_dir=out_dir,
+                            limit=limit, batch=batch, seed=seed, max_depth=max_depth, max_new_tokens=max_new_tokens,
+                            few_shot=few_shot, dtype=dtype, progress=progress)
+    if pool is not None:
+        return run(pool)
     # the sandbox forks its workers before JAX starts a backend (loading problems and models does not)
-    with SandboxPool(workers=sandbox_workers, timeout_s=sandbox_timeout, allow_insecure=allow_insecure_sandbox) as pool:
-        return _run(pool, settings, method_cfg, problems, out_dir, limit, batch, seed, max_depth, max_new_tokens,
-                    few_shot, dtype, progress)
+    with SandboxPool(workers=sandbox_workers, timeout_s=sandbox_timeout, allow_insecure=allow_insecure_sandbox) as own:
+        return run(own)
 
 
 def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed, max_depth, max_new_tokens,
@@ -199,9 +202,9 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
                     "seconds": {k: round(env.stats.seconds[k] / len(chunk), 4) for k in PHASES},
                     "tree": str(path.relative_to(out_dir)),
                 })
-            _write_json(out_dir / "summary.json", summarize(results.records, settings))
+            write_json(out_dir / "summary.json", summarize(results.records, settings))
             bar.update(len(chunk))
     results.close()
     summary = summarize(results.records, settings)
-    _write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary)
     return summary

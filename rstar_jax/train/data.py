@@ -2,9 +2,10 @@
 
 Record formats (one JSON object per line):
   sft    {"prompt": str, "response": str}                          loss on response tokens (+ EOS) only
-  ppm    {"prompt": str, "pos": str, "neg": str, "pos_count": int, "neg_count": int}
-         prompt = question + earlier steps; pos/neg = one step each; the pair is weighted 1/(pos_count*neg_count)
-         (rStar-Math: every prefix contributes equally however many pairs it has)
+  ppm    {"prompt": str, "pos": str | [str], "neg": str | [str], "pos_count": int, "neg_count": int}
+         pos/neg: the chosen / rejected step, or a list of steps (the earlier steps, then the step) encoded one
+         by one as the scorer encodes a path; the score is read at the last token. The pair is weighted
+         1/(pos_count*neg_count) (rStar-Math: every prefix contributes equally however many pairs it has)
   prm    {"prompt": str, "steps": [str], "labels": [float in [0, 1]]}   hard (0/1) or soft (MC fraction)
   value  {"prompt": str, "steps": [str], "values": [float]}             ReST-MCTS* quality values
 Steps are tokenised one by one and concatenated, so each step's last token (where the score is read) is exact.
@@ -42,7 +43,7 @@ class TextEncoder(Protocol):
 
 _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "sft": {"prompt": str, "response": str},
-    "ppm": {"prompt": str, "pos": str, "neg": str, "pos_count": int, "neg_count": int},
+    "ppm": {"prompt": str, "pos": (str, list), "neg": (str, list), "pos_count": int, "neg_count": int},
     "prm": {"prompt": str, "steps": list, "labels": list},
     "value": {"prompt": str, "steps": list, "values": list},
 }
@@ -55,9 +56,13 @@ def _check_record(rec: Any, kind: str, where: str) -> dict:
         if name not in rec:
             raise DataFormatError(f"{where}: {kind} record is missing {name!r} (needs {', '.join(_FIELDS[kind])})")
         if not isinstance(rec[name], tp) or isinstance(rec[name], bool):
-            raise DataFormatError(f"{where}: {name!r} must be {tp.__name__}, got {type(rec[name]).__name__}")
+            expected = " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
+            raise DataFormatError(f"{where}: {name!r} must be {expected}, got {type(rec[name]).__name__}")
     if kind == "ppm" and (rec["pos_count"] < 1 or rec["neg_count"] < 1):
         raise DataFormatError(f"{where}: pos_count and neg_count must be >= 1")
+    if kind == "ppm" and any(isinstance(rec[k], list) and (not rec[k] or not all(isinstance(x, str) for x in rec[k]))
+                             for k in ("pos", "neg")):
+        raise DataFormatError(f"{where}: a list 'pos' / 'neg' must be a non-empty list of step strings")
     if kind in ("prm", "value"):
         targets = rec["labels" if kind == "prm" else "values"]
         if not rec["steps"] or len(targets) != len(rec["steps"]):
@@ -143,14 +148,10 @@ def tokenize(records: list[dict], kind: str, tok: TextEncoder, data: DataSection
             weights[max(len(prompt) - 1, 0) : len(ids) - 1] = 1.0  # position t predicts token t+1
             out.append(Aligned(ids, np.append(ids[1:], 0).astype(np.int32), weights))
         elif kind == "ppm":
-            prompt = tok.encode(rec["prompt"])
-            out.append(
-                Pair(
-                    np.asarray(prompt + tok.encode(rec["pos"]), np.int32),
-                    np.asarray(prompt + tok.encode(rec["neg"]), np.int32),
-                    1.0 / (rec["pos_count"] * rec["neg_count"]),
-                )
-            )
+            pos, neg = ([r] if isinstance(r, str) else r for r in (rec["pos"], rec["neg"]))
+            out.append(Pair(np.asarray(encode_steps(tok, rec["prompt"], pos)[0], np.int32),
+                            np.asarray(encode_steps(tok, rec["prompt"], neg)[0], np.int32),
+                            1.0 / (rec["pos_count"] * rec["neg_count"])))
         elif kind == "prm":
             labels = rec["labels"] if data.prm_soft_labels else [float(x >= 0.5) for x in rec["labels"]]
             out.append(_steps_example(tok, rec, labels))

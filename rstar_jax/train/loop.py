@@ -79,7 +79,8 @@ def evaluate(eval_fn, params, data: Batches, mesh, max_batches: int) -> dict[str
 
 
 def run_training(kind: str, model: str, data: str, out: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Train `kind` on the JSONL `data`, writing to `out`; returns the last train and eval metrics."""
+    """Train `kind` on the JSONL `data`, writing to `out`; returns the last train and eval metrics and the
+    number of tokens trained on over the whole run."""
     if kind not in KINDS:
         raise RunConfigError(f"training kind {kind!r}: expected one of {', '.join(KINDS)}")
     cfg = load_config(list(overrides))
@@ -127,6 +128,8 @@ def run_training(kind: str, model: str, data: str, out: str, overrides: list[str
         # XLA:CPU can deadlock when two multi-device programs (train, eval) overlap in its in-process collectives.
         sync_each_step = jax.default_backend() == "cpu" and mesh.size > 1
         last: dict[str, Any] = {}
+        # tokens of all steps so far, recounted from the deterministic data order when resuming
+        total_tokens = sum(int(np.count_nonzero(train.at_step(s)["segment_ids"])) for s in range(start))
         tokens, t0 = 0, time.perf_counter()
         say(f"{kind}: {len(train.rows)} rows ({train.dropped} examples over seq_len dropped), "
             f"{train.steps_per_epoch} steps/epoch, {steps} steps from {start}, mesh {dict(mesh.shape)}")
@@ -137,6 +140,7 @@ def run_training(kind: str, model: str, data: str, out: str, overrides: list[str
         for step in range(start, steps):
             host_batch = train.at_step(step)
             tokens += int(np.count_nonzero(host_batch["segment_ids"]))
+            total_tokens += int(np.count_nonzero(host_batch["segment_ids"]))
             state, metrics = step_fn(state, sharding.put_batch(host_batch, mesh))
             if sync_each_step:
                 jax.block_until_ready(metrics)
@@ -158,7 +162,7 @@ def run_training(kind: str, model: str, data: str, out: str, overrides: list[str
                 ckpt.save(state, meta_for(done))
         ckpt.wait()
         ckpt.close()
-    return last
+    return last | {"tokens_trained": total_tokens}
 
 
 def lower_step(cfg: Config, kind: str, model_cfg: ModelConfig, devices: list | None = None) -> jax.stages.Lowered:
