@@ -150,6 +150,19 @@ def _evolve(a: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def _compilation_cache() -> None:
+    """Keep compiled XLA programs on disk (next to the model cache): a resumed or repeated job does not recompile.
+    RSTAR_JAX_XLA_CACHE=0 turns it off."""
+    if os.environ.get("RSTAR_JAX_XLA_CACHE", "1") == "0":
+        return
+    import jax
+
+    from rstar_jax.models.registry import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rstar-jax", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -334,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not (getattr(args, "takes_overrides", False) and not any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    _compilation_cache()
     try:
         args.fn(args)
     except (ValueError, OSError) as e:

@@ -1,10 +1,16 @@
 """Batched generation: prefill each prompt once, decode K samples per prompt from the shared prefix cache.
 
-The cache has two parts. The prefix part [L, B, P, G, E] holds each prompt's keys/values once (left-padded, so every
-row's prompt ends at slot P-1); the suffix part [L, B, K, S, G, E] holds each sample's own tokens. A decode step
-attends over both, so K samples never copy or recompute their shared prompt. Decoding runs in jitted chunks of
-`chunk` tokens; between chunks the host checks stop strings (which need detokenised text) and quits once every
-sample has finished. Batch, prompt and new-token sizes are bucketed so similar calls reuse compiled code.
+The cache has three parts. The shared part [L, P0, G, E] holds the keys/values of a prefix that every prompt of
+the call starts with (a few-shot block): computed once per (params, cfg, tokens) and kept in a small LRU, so search
+never re-prefills its ~1k-token few-shot prompt. The prefix part [L, B, P, G, E] holds each prompt's remaining
+tokens once (left-padded, so every row's prompt ends at slot P-1); the suffix part [L, B, K, S, G, E] holds each
+sample's own tokens. A decode step attends over all three with one softmax, so K samples never copy or recompute
+their prompt. Decoding runs in jitted chunks of `chunk` tokens; between chunks the host checks stop strings (which
+need detokenised text) and quits once every sample has finished. Batch, prompt, shared-prefix and new-token sizes
+are bucketed so similar calls reuse compiled code.
+
+Sample k of prompt i draws token t with fold_in(fold_in(key_i, k), t), key_i being the prompt's own key, so what a
+prompt samples does not depend on its row or on the other prompts of the call.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import weakref
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -19,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rstar_jax.models.config import ModelConfig
-from rstar_jax.models.llama import NEG_INF, attn_out_and_mlp, forward, lm_head, qkv, rms_norm
+from rstar_jax.models.llama import NEG_INF, attend_parts, attn_out_and_mlp, forward, lm_head, qkv, rms_norm
 from rstar_jax.models.params import Params
 
 # Incremented only while tracing, so it counts compilations (tests assert that similar calls do not recompile).
@@ -60,16 +67,25 @@ class Completion:
         return dataclasses.asdict(self)
 
 
+class SharedPrefix(NamedTuple):
+    """Keys/values of the prefix every prompt of a call starts with. Kept apart from `DecodeState`, which decoding
+    donates: these buffers live on in the cache. P0 = 0 when there is none."""
+
+    k: jax.Array  # [L, P0, G, E]
+    v: jax.Array  # [L, P0, G, E]
+    valid_P0: jax.Array  # bool: real tokens (the rest pads P0 to its bucket)
+
+
 class DecodeState(NamedTuple):
-    prefix_k: jax.Array  # [L, B, P, G, E]
+    prefix_k: jax.Array  # [L, B, P, G, E] each prompt's tokens after the shared prefix
     prefix_v: jax.Array  # [L, B, P, G, E]
     prefix_valid_BxP: jax.Array  # bool
     suffix_k: jax.Array  # [L, B, K, S, G, E]
     suffix_v: jax.Array  # [L, B, K, S, G, E]
-    lens_B: jax.Array  # prompt lengths
+    lens_B: jax.Array  # whole prompt lengths (shared prefix included)
     token_BxK: jax.Array  # last sampled token, not yet fed to the model
     t: jax.Array  # new tokens sampled so far (scalar)
-    keys_BxK: jax.Array  # per-sample key: fold_in(key, prompt_index * K + k)
+    keys_BxK: jax.Array  # per-sample key: fold_in(key_b, k)
 
 
 def prepare_params(params: Params, compute_dtype: Any = jnp.float32) -> Params:
@@ -115,48 +131,92 @@ def sample_tokens(logits_NxV, keys_N, temperature, top_p, *, greedy: bool, top_k
 
 
 def step_keys(keys_BxK: jax.Array, t: jax.Array) -> jax.Array:
-    """Key of every sample at new-token index t: a sample's stream depends only on (base key, sample id, t)."""
+    """Key of every sample at new-token index t: a sample's stream depends only on (its prompt's key, k, t)."""
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_BxK.reshape(-1), t)
 
 
+def sample_keys(keys_B: jax.Array, num_samples: int) -> jax.Array:
+    """[B, K] keys: sample k of prompt b gets fold_in(key_b, k)."""
+    return jax.vmap(lambda key: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_samples)))(keys_B)
+
+
+def prompt_keys(key, n: int) -> jax.Array:
+    """One typed key per prompt from one key (prompt i: fold_in(key, i)) or from n keys (typed or raw uint32)."""
+    key = jnp.stack(list(key)) if isinstance(key, (list, tuple)) else key
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.shape == ():
+        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n))
+    if key.shape != (n,):
+        raise ValueError(f"generate: key must be one key or {n} keys (one per prompt), got shape {key.shape}")
+    return key
+
+
+def empty_shared_prefix(cfg: ModelConfig) -> SharedPrefix:
+    kv = jnp.zeros((cfg.num_hidden_layers, 0, cfg.num_key_value_heads, cfg.head_dim), jnp.float32)
+    return SharedPrefix(kv, kv, jnp.zeros((0,), bool))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def shared_prefill(params, tokens_1xP, length, *, cfg) -> SharedPrefix:
+    """Keys/values of a right-padded prefix whose first `length` tokens are real."""
+    TRACE_COUNTS["shared_prefill"] += 1
+    P = tokens_1xP.shape[1]
+    valid_P = jnp.arange(P) < length
+    _, (k, v) = forward(params, cfg, tokens_1xP, jnp.arange(P)[None], valid_P[None].astype(jnp.int32), return_kv=True)
+    return SharedPrefix(k[:, 0], v[:, 0], valid_P)
+
+
+SHARED_CACHE_SIZE = 4  # a few (model, few-shot) pairs; one SmolLM2 entry of 1k tokens is ~47 MB
+_shared_cache: collections.OrderedDict[tuple, tuple[weakref.ref, SharedPrefix]] = collections.OrderedDict()
+
+
+def shared_prefix_kv(params: Params, cfg: ModelConfig, prefix: tuple[int, ...]) -> SharedPrefix:
+    """The prefix's keys/values, computed once per (params object, cfg, tokens) and kept in a small LRU.
+
+    Keyed by the params object's identity (params are never mutated in place); a weak reference to its embedding
+    makes sure a freed model whose id gets reused misses instead of hitting, and the cache keeps no model alive.
+    """
+    if not prefix:
+        return empty_shared_prefix(cfg)
+    embed = params["model"]["embed_tokens"]["weight"]
+    cache_key = (id(params), cfg, prefix)
+    hit = _shared_cache.get(cache_key)
+    if hit is None or hit[0]() is not embed:
+        tokens_1xP = np.zeros((1, bucket(len(prefix), 16)), np.int32)
+        tokens_1xP[0, : len(prefix)] = prefix
+        hit = (weakref.ref(embed), shared_prefill(params, jnp.asarray(tokens_1xP), jnp.int32(len(prefix)), cfg=cfg))
+        _shared_cache[cache_key] = hit
+        while len(_shared_cache) > SHARED_CACHE_SIZE:
+            _shared_cache.popitem(last=False)
+    _shared_cache.move_to_end(cache_key)
+    return hit[1]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "num_samples", "suffix_len", "greedy", "top_k", "use_top_p"))
-def prefill(params, tokens_BxP, lens_B, key, temperature, top_p, *, cfg, num_samples, suffix_len, greedy, top_k, use_top_p):
-    """Run the left-padded prompts once, sample each prompt's K first tokens, and allocate the decode state."""
+def prefill(params, tokens_BxP, lens_B, keys_B, shared: SharedPrefix, temperature, top_p, *, cfg, num_samples,
+            suffix_len, greedy, top_k, use_top_p):
+    """Run the left-padded prompt remainders once (after the shared prefix), sample each prompt's K first tokens,
+    and allocate the decode state."""
     TRACE_COUNTS["prefill"] += 1
     B, P = tokens_BxP.shape
+    offset = jnp.sum(shared.valid_P0, dtype=jnp.int32)
     pad_B = P - lens_B
-    positions_BxP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
+    positions_BxP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0) + offset
     valid_BxP = jnp.arange(P)[None, :] >= pad_B[:, None]
-    hidden, (k, v) = forward(params, cfg, tokens_BxP, positions_BxP, valid_BxP.astype(jnp.int32), return_kv=True)
+    hidden, (k, v) = forward(params, cfg, tokens_BxP, positions_BxP, valid_BxP.astype(jnp.int32), return_kv=True,
+                             shared_kv=shared if shared.k.shape[1] else None)
     logits_BxV = lm_head(params, cfg, hidden[:, -1])
-    keys_BxK = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(B * num_samples)).reshape(B, num_samples)
+    keys_BxK = sample_keys(keys_B, num_samples)
     logits_BKxV = jnp.repeat(logits_BxV, num_samples, axis=0)
     first = sample_tokens(logits_BKxV, step_keys(keys_BxK, 0), temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     L, G, E = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     suffix = jnp.zeros((L, B, num_samples, suffix_len, G, E), k.dtype)
-    return DecodeState(k, v, valid_BxP, suffix, suffix, lens_B, first.reshape(B, num_samples), jnp.int32(1), keys_BxK)
+    return DecodeState(k, v, valid_BxP, suffix, suffix, lens_B + offset, first.reshape(B, num_samples), jnp.int32(1),
+                       keys_BxK)
 
 
-def attend_prefix_and_suffix(q_BxKxHxE, pk_BxPxGxE, pv_BxPxGxE, pvalid_BxP, sk_BxKxSxGxE, sv_BxKxSxGxE, svalid_S):
-    """One query token per sample over its shared prompt (P) and its own generated tokens (S); returns [B, K, H*E]."""
-    B, K, H, E = q_BxKxHxE.shape
-    G = pk_BxPxGxE.shape[2]
-    q = q_BxKxHxE.reshape(B, K, G, H // G, E)
-    scale = 1.0 / np.sqrt(E)
-    sp = jnp.einsum("bkgqe,bpge->bkgqp", q, pk_BxPxGxE).astype(jnp.float32) * scale
-    ss = jnp.einsum("bkgqe,bksge->bkgqs", q, sk_BxKxSxGxE).astype(jnp.float32) * scale
-    sp = jnp.where(pvalid_BxP[:, None, None, None, :], sp, NEG_INF)
-    ss = jnp.where(svalid_S, ss, NEG_INF)
-    m = jnp.maximum(sp.max(-1, keepdims=True), ss.max(-1, keepdims=True))
-    ep, es = jnp.exp(sp - m), jnp.exp(ss - m)
-    denom = ep.sum(-1, keepdims=True) + es.sum(-1, keepdims=True)
-    dtype = pv_BxPxGxE.dtype
-    out = jnp.einsum("bkgqp,bpge->bkgqe", (ep / denom).astype(dtype), pv_BxPxGxE)
-    out = out + jnp.einsum("bkgqs,bksge->bkgqe", (es / denom).astype(dtype), sv_BxKxSxGxE)
-    return out.reshape(B, K, H * E)
-
-
-def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState):
+def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState, shared: SharedPrefix):
     """Feed each sample's last token and write its K/V at suffix slot t-1; returns (logits [B, K, V], state)."""
     B, K = st.token_BxK.shape
     S = st.suffix_k.shape[3]
@@ -169,17 +229,20 @@ def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState):
         q, k, v = qkv(layer, cfg, h, positions_BxK)  # the K samples play the role of T
         suffix_k = jax.lax.dynamic_update_slice(suffix_k, k[None, :, :, None], (i, 0, 0, slot, 0, 0))
         suffix_v = jax.lax.dynamic_update_slice(suffix_v, v[None, :, :, None], (i, 0, 0, slot, 0, 0))
-        a = attend_prefix_and_suffix(
-            q, st.prefix_k[i], st.prefix_v[i], st.prefix_valid_BxP, suffix_k[i], suffix_v[i], svalid_S
-        )
+        a = attend_parts(q, [  # the K samples play the role of T: the suffix part is per query
+            ("pge", shared.k[i], shared.v[i], shared.valid_P0),
+            ("bpge", st.prefix_k[i], st.prefix_v[i], st.prefix_valid_BxP[:, None, None, None, :]),
+            ("btpge", suffix_k[i], suffix_v[i], svalid_S),
+        ])
         h = attn_out_and_mlp(layer, cfg, h, a)
     logits = lm_head(params, cfg, rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps))
     return logits, st._replace(suffix_k=suffix_k, suffix_v=suffix_v)
 
 
-def decode_step(params: Params, cfg: ModelConfig, st: DecodeState, temperature, top_p, *, greedy, top_k, use_top_p):
+def decode_step(params: Params, cfg: ModelConfig, st: DecodeState, shared: SharedPrefix, temperature, top_p, *,
+                greedy, top_k, use_top_p):
     """One new token per sample: logits for the last token, then sample token t."""
-    logits_BxKxV, st = decode_logits(params, cfg, st)
+    logits_BxKxV, st = decode_logits(params, cfg, st, shared)
     B, K, V = logits_BxKxV.shape
     keys = step_keys(st.keys_BxK, st.t)
     nxt = sample_tokens(logits_BxKxV.reshape(B * K, V), keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
@@ -187,12 +250,13 @@ def decode_step(params: Params, cfg: ModelConfig, st: DecodeState, temperature, 
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "greedy", "top_k", "use_top_p"), donate_argnums=(1,))
-def decode_chunk(params, st: DecodeState, temperature, top_p, *, cfg, steps, greedy, top_k, use_top_p):
+def decode_chunk(params, st: DecodeState, shared: SharedPrefix, temperature, top_p, *, cfg, steps, greedy, top_k,
+                 use_top_p):
     """`steps` decode steps in one compiled loop; returns the new state and the tokens sampled [B, K, steps]."""
     TRACE_COUNTS["decode"] += 1
 
     def body(st, _):
-        st = decode_step(params, cfg, st, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+        st = decode_step(params, cfg, st, shared, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
         return st, st.token_BxK
 
     st, toks_SxBxK = jax.lax.scan(body, st, None, length=steps)
@@ -221,24 +285,40 @@ def generate(
     tokenizer,
     prompts: Sequence[Sequence[int]],
     settings: SamplingConfig,
-    key: jax.Array,
+    key: jax.Array | Sequence[jax.Array],
+    *,
+    shared_prefix: Sequence[int] = (),
 ) -> list[list[Completion]]:
-    """K completions per prompt. `params` should come from `prepare_params` (cast and split once per model)."""
+    """K completions per prompt. `params` should come from `prepare_params` (cast and split once per model).
+
+    key: one key (prompt i then uses fold_in(key, i)) or one key per prompt. shared_prefix: tokens that every
+    prompt starts with and continues after; their keys/values are cached (`shared_prefix_kv`).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt must have at least one token")
+    shared_prefix = tuple(shared_prefix)
+    n0 = len(shared_prefix)
+    if n0:
+        bad = next((i for i, p in enumerate(prompts) if len(p) <= n0 or tuple(p[:n0]) != shared_prefix), None)
+        if bad is not None:
+            raise ValueError(f"generate: prompt {bad} does not continue the {n0}-token shared_prefix")
     n, K = len(prompts), settings.num_samples
-    B, P = bucket(n), bucket(max(len(p) for p in prompts), 16)
+    keys_n = prompt_keys(key, n)
+    rests = [p[n0:] for p in prompts]
+    B, P = bucket(n), bucket(max(len(r) for r in rests), 16)
     tokens_BxP = np.zeros((B, P), np.int32)
     lens_B = np.ones((B,), np.int32)  # padding rows: a one-token dummy prompt, results ignored
-    for i, p in enumerate(prompts):
-        tokens_BxP[i, P - len(p) :] = p
-        lens_B[i] = len(p)
+    for i, r in enumerate(rests):
+        tokens_BxP[i, P - len(r) :] = r
+        lens_B[i] = len(r)
+    shared = shared_prefix_kv(params, cfg, shared_prefix)
     steps_total = settings.max_new_tokens - 1
     chunk = min(settings.chunk, bucket(steps_total))  # bucketed: short generations do not each compile
     flags = dict(greedy=settings.temperature == 0, top_k=settings.top_k, use_top_p=settings.top_p < 1.0)
     temp, top_p = jnp.float32(max(settings.temperature, 1e-6)), jnp.float32(settings.top_p)
+    keys_B = keys_n[np.minimum(np.arange(B), n - 1)]  # padding rows reuse a key; their samples are dropped
     st = prefill(
-        params, jnp.asarray(tokens_BxP), jnp.asarray(lens_B), key, temp, top_p,
+        params, jnp.asarray(tokens_BxP), jnp.asarray(lens_B), keys_B, shared, temp, top_p,
         cfg=cfg, num_samples=K, suffix_len=bucket(-(-max(steps_total, 1) // chunk) * chunk), **flags,
     )
     generated = np.asarray(st.token_BxK)[:n, :, None]
@@ -256,6 +336,6 @@ def generate(
         checked = generated.shape[-1]
         if all(c is not None for row in results for c in row):
             return results  # type: ignore[return-value]
-        st, toks = decode_chunk(params, st, temp, top_p, cfg=cfg, steps=chunk, **flags)
+        st, toks = decode_chunk(params, st, shared, temp, top_p, cfg=cfg, steps=chunk, **flags)
         room = settings.max_new_tokens - generated.shape[-1]
         generated = np.concatenate([generated, np.asarray(toks)[:n, :, :room]], axis=-1)

@@ -4,6 +4,7 @@
 import os
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+os.environ.setdefault("RSTAR_JAX_XLA_CACHE", "0")  # tests compile tiny models; keep the on-disk XLA cache clean
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))

@@ -1,4 +1,5 @@
-"""Sampler: KV-cache parity with the full forward, shared-prefill sampling, stop strings, bucketing."""
+"""Sampler: KV-cache parity with the full forward (with and without a cached shared prefix), shared-prefill
+sampling, per-prompt keys, stop strings, bucketing, the shared-prefix cache."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.llama import causal_lm_logits
 from rstar_jax.models.params import init_params
+from rstar_jax import sampling
 from rstar_jax.sampling import (
     TRACE_COUNTS,
     SamplingConfig,
@@ -15,6 +17,11 @@ from rstar_jax.sampling import (
     generate,
     prefill,
     prepare_params,
+    prompt_keys,
+    sample_keys,
+    sample_tokens,
+    shared_prefix_kv,
+    step_keys,
 )
 
 CFG = ModelConfig(
@@ -37,36 +44,93 @@ def params():
     return init_params(CFG, jax.random.key(0), std=0.3)
 
 
-def test_kv_cache_decoding_matches_full_forward_at_every_position(params):
-    prompts = [[3, 4, 5], [7, 8, 9, 10, 11, 12, 13]]
-    forced = np.array([[20, 21, 22, 23, 24], [30, 31, 32, 33, 34]])
-    P = 16
-    toks = np.zeros((2, P), np.int32)
-    for i, p in enumerate(prompts):
-        toks[i, P - len(p) :] = p
+def forced_decode_logits(p, prompts, forced, shared_prefix=()):
+    """Logits [n, T, V] after each forced token, decoding from the KV cache (after `shared_prefix`, if given)."""
+    shared = shared_prefix_kv(p, CFG, tuple(shared_prefix))
+    rests = [q[len(shared_prefix) :] for q in prompts]
+    P = sampling.bucket(max(map(len, rests)), 16)
+    toks = np.zeros((len(rests), P), np.int32)
+    for i, r in enumerate(rests):
+        toks[i, P - len(r) :] = r
+    lens = jnp.asarray([len(r) for r in rests], jnp.int32)
     st = prefill(
-        prepare_params(params), jnp.asarray(toks), jnp.asarray([3, 7], jnp.int32), jax.random.key(0),
-        jnp.float32(1.0), jnp.float32(1.0), cfg=CFG, num_samples=1, suffix_len=8, greedy=True, top_k=0, use_top_p=False,
+        p, jnp.asarray(toks), lens, prompt_keys(jax.random.key(0), len(rests)), shared, jnp.float32(1.0),
+        jnp.float32(1.0), cfg=CFG, num_samples=1, suffix_len=8, greedy=True, top_k=0, use_top_p=False,
     )
     got = []
+    step = jax.jit(decode_logits, static_argnums=1)
     for t in range(forced.shape[1]):
         st = st._replace(token_BxK=jnp.asarray(forced[:, t : t + 1], jnp.int32), t=jnp.int32(t + 1))
-        logits, st = decode_logits(prepare_params(params), CFG, st)
+        logits, st = step(p, CFG, st, shared)
         got.append(np.asarray(logits[:, 0]))
-    for i, p in enumerate(prompts):
-        full = causal_lm_logits(params, CFG, jnp.asarray([p + forced[i].tolist()]))[0]
-        want = np.asarray(full[len(p) :])  # logits after each forced token
-        np.testing.assert_allclose(np.stack([g[i] for g in got]), want, atol=1e-4)
+    return np.stack(got, axis=1)
 
 
-def test_k_samples_from_shared_prefill_equal_separate_decodes(params):
-    prompt = [5, 6, 7, 8]
-    s = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=40, num_samples=4)
-    shared = generate(prepare_params(params), CFG, ThreeCharTokenizer(), [prompt], s, jax.random.key(3))[0]
-    one = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=40, num_samples=1)
-    separate = generate(prepare_params(params), CFG, ThreeCharTokenizer(), [prompt] * 4, one, jax.random.key(3))
-    assert [c.token_ids for c in shared] == [row[0].token_ids for row in separate]
-    assert len({tuple(c.token_ids) for c in shared}) > 1  # the samples really differ
+def test_kv_cache_decoding_matches_full_forward_at_every_position(params):
+    few_shot = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57]  # 18 tokens: bucket 32
+    prompts = [few_shot + [3, 4, 5], few_shot + [7, 8, 9, 10, 11, 12, 13]]
+    forced = np.array([[20, 21, 22, 23, 24], [30, 31, 32, 33, 34]])
+    p = prepare_params(params)
+    shared = forced_decode_logits(p, prompts, forced, shared_prefix=few_shot)
+    for i, prompt in enumerate(prompts):
+        full = causal_lm_logits(params, CFG, jnp.asarray([prompt + forced[i].tolist()]))[0]
+        want = np.asarray(full[len(prompt) :])  # logits after each forced token
+        np.testing.assert_allclose(shared[i], want, atol=1e-4)
+    # the same prompts with nothing shared: every token in the per-prompt part
+    unshared = forced_decode_logits(p, prompts, forced)
+    np.testing.assert_allclose(shared, unshared, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_with_shared_prefix_equals_without(params):
+    p = prepare_params(params)
+    few_shot = list(range(40, 59))
+    prompts = [few_shot + [3], few_shot + [7, 8, 9, 10, 11, 12, 13], few_shot + [20, 21, 22]]
+    s = SamplingConfig(max_new_tokens=10, num_samples=2, ignore_eos=True)
+    plain = generate(p, CFG, ThreeCharTokenizer(), prompts, s, jax.random.key(0))
+    shared = generate(p, CFG, ThreeCharTokenizer(), prompts, s, jax.random.key(0), shared_prefix=few_shot)
+    assert [[c.token_ids for c in row] for row in shared] == [[c.token_ids for c in row] for row in plain]
+    assert len({tuple(row[0].token_ids) for row in plain}) == 3  # the prompts' continuations differ
+
+
+def test_k_samples_from_shared_prefill_equal_a_full_forward_sampler(params):
+    """K samples decoded from one prefill draw what a cache-free sampler draws with the same per-step keys."""
+    prompt, K, T = [5, 6, 7, 8], 4, 12
+    kw = dict(temperature=1.0, top_p=0.95, top_k=40)
+    key = jax.random.key(3)
+    out = generate(prepare_params(params), CFG, ThreeCharTokenizer(), [prompt], SamplingConfig(T, num_samples=K, **kw),
+                   jax.random.key(3)[None])[0]
+    keys_1xK = sample_keys(key[None], K)
+    full = jax.jit(causal_lm_logits, static_argnums=1)
+    for k, c in enumerate(out):
+        seq = list(prompt)
+        while len(seq) < len(prompt) + T and (len(seq) == len(prompt) or seq[-1] != CFG.eos_token_id):
+            padded = jnp.asarray([seq + [0] * (len(prompt) + T - len(seq))])
+            logits = full(params, CFG, padded)[0, len(seq) - 1]
+            step_key = step_keys(keys_1xK, len(seq) - len(prompt))[k]
+            seq.append(int(sample_tokens(logits[None], step_key[None], jnp.float32(1.0), jnp.float32(0.95),
+                                         greedy=False, top_k=40, use_top_p=True)[0]))
+        assert c.token_ids == seq[len(prompt) :]
+    assert len({tuple(c.token_ids) for c in out}) > 1  # the samples really differ
+
+
+@pytest.mark.parametrize("shared_prefix", [(), tuple(range(40, 60))])
+def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_batch(params, shared_prefix):
+    p = prepare_params(params)
+    s = SamplingConfig(max_new_tokens=10, temperature=1.0, num_samples=3)
+    prompts = [list(shared_prefix) + q for q in ([5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9], [8])]
+    keys = jax.random.split(jax.random.key(7), 3)
+    batch = generate(p, CFG, ThreeCharTokenizer(), prompts, s, keys, shared_prefix=shared_prefix)
+    for i in range(3):
+        [alone] = generate(p, CFG, ThreeCharTokenizer(), [prompts[i]], s, keys[i : i + 1], shared_prefix=shared_prefix)
+        assert [c.token_ids for c in alone] == [c.token_ids for c in batch[i]]
+    # reordered, with a list of keys; one key means prompt i uses fold_in(key, i)
+    swapped = generate(p, CFG, ThreeCharTokenizer(), prompts[::-1], s, list(keys[::-1]), shared_prefix=shared_prefix)
+    assert [[c.token_ids for c in row] for row in swapped[::-1]] == [[c.token_ids for c in row] for row in batch]
+    one = generate(p, CFG, ThreeCharTokenizer(), prompts, s, jax.random.key(7), shared_prefix=shared_prefix)
+    folded = generate(p, CFG, ThreeCharTokenizer(), prompts, s, prompt_keys(jax.random.key(7), 3),
+                      shared_prefix=shared_prefix)
+    assert [[c.token_ids for c in row] for row in one] == [[c.token_ids for c in row] for row in folded]
+    assert len({tuple(c.token_ids) for row in batch for c in row}) > 3  # samples and prompts really differ
 
 
 def test_greedy_equals_argmax_of_full_forward(params):
@@ -127,10 +191,54 @@ def test_similar_calls_do_not_recompile(params):
         generate(p, CFG, ThreeCharTokenizer(), prompts, SamplingConfig(max_new_tokens=n, temperature=0.7, num_samples=2),
                  jax.random.key(1))
     assert dict(TRACE_COUNTS) == before
+    # A shared prefix: after the first call, other prefixes of the same bucket (17..32 tokens) and similar prompt
+    # remainders compile nothing more.
+    generate(p, CFG, ThreeCharTokenizer(), [[9] * 20 + [1] * 5, [9] * 20 + [2] * 9], s, jax.random.key(0),
+             shared_prefix=[9] * 20)
+    before = dict(TRACE_COUNTS)
+    for prefix, rests, n in [([9] * 20, [[3] * 12, [4]], 7), ([8] * 32, [[5] * 16, [1]], 9),
+                             ([7] * 17, [[6] * 3, [2] * 2], 8)]:
+        generate(p, CFG, ThreeCharTokenizer(), [prefix + r for r in rests],
+                 SamplingConfig(max_new_tokens=n, temperature=0.7, num_samples=2), jax.random.key(1),
+                 shared_prefix=prefix)
+    assert dict(TRACE_COUNTS) == before
+
+
+def test_shared_prefix_is_computed_once_per_model_and_prefix(params, monkeypatch):
+    runs = []
+    real = sampling.shared_prefill
+    monkeypatch.setattr(sampling, "shared_prefill", lambda *a, **kw: runs.append(a[1].shape) or real(*a, **kw))
+    p = prepare_params(params)
+    prefix = [11, 12, 13, 14, 15, 16, 17]
+    s = SamplingConfig(max_new_tokens=4, temperature=1.0, num_samples=2)
+    prompts = [prefix + [1, 2], prefix + [3]]
+    first = generate(p, CFG, ThreeCharTokenizer(), prompts, s, jax.random.key(0), shared_prefix=prefix)
+    again = generate(p, CFG, ThreeCharTokenizer(), prompts, s, jax.random.key(0), shared_prefix=prefix)
+    generate(p, CFG, ThreeCharTokenizer(), [prefix + [4, 5, 6]], s, jax.random.key(1), shared_prefix=prefix)
+    assert runs == [(1, 16)]  # one forward over the bucketed prefix for three calls
+    assert [[c.token_ids for c in row] for row in again] == [[c.token_ids for c in row] for row in first]
+    # another prefix, or another params object (even with equal values), is computed afresh
+    generate(p, CFG, ThreeCharTokenizer(), [prefix[:-1] + [1]], s, jax.random.key(0), shared_prefix=prefix[:-1])
+    other = prepare_params(params)
+    generate(other, CFG, ThreeCharTokenizer(), [prefix + [1, 2]], s, jax.random.key(0), shared_prefix=prefix)
+    assert len(runs) == 3
+    # a small LRU: the least recently used entries go
+    for i in range(sampling.SHARED_CACHE_SIZE):
+        generate(p, CFG, ThreeCharTokenizer(), [[i, 1]], s, jax.random.key(0), shared_prefix=[i])
+    generate(p, CFG, ThreeCharTokenizer(), [prefix + [1, 2]], s, jax.random.key(0), shared_prefix=prefix)
+    assert len(runs) == 3 + sampling.SHARED_CACHE_SIZE + 1
 
 
 def test_bad_settings_and_empty_prompt_are_clear_errors(params):
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
+    p = prepare_params(params)
     with pytest.raises(ValueError, match="at least one token"):
-        generate(prepare_params(params), CFG, ThreeCharTokenizer(), [[]], SamplingConfig(), jax.random.key(0))
+        generate(p, CFG, ThreeCharTokenizer(), [[]], SamplingConfig(), jax.random.key(0))
+    with pytest.raises(ValueError, match="prompt 1 does not continue the 2-token shared_prefix"):
+        generate(p, CFG, ThreeCharTokenizer(), [[1, 2, 3], [1, 3, 3]], SamplingConfig(), jax.random.key(0),
+                 shared_prefix=[1, 2])
+    with pytest.raises(ValueError, match="prompt 0 does not continue"):
+        generate(p, CFG, ThreeCharTokenizer(), [[1, 2]], SamplingConfig(), jax.random.key(0), shared_prefix=[1, 2])
+    with pytest.raises(ValueError, match="one key or 2 keys"):
+        generate(p, CFG, ThreeCharTokenizer(), [[1], [2]], SamplingConfig(), jax.random.split(jax.random.key(0), 3))

@@ -50,7 +50,8 @@ class EvalSection:
     candidates: int = 4
     max_depth: int = 16
     batch: int = 16
-    without_ppm: bool = True  # also MCTS without the PPM at the same budget (the PPM's contribution)
+    # also MCTS without the PPM at the same budget (the PPM's contribution): in every round or the last only
+    without_ppm: Literal["every", "last", "never"] = "last"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -181,7 +181,7 @@ class Rounds:
         mcts = dict(method="mcts", rollouts=e.rollouts, candidates=e.candidates, batch=e.batch)
         if ppm["model"] is not None:
             runs["mcts"] = mcts | {"reward_model": ppm["model"]}
-        if ppm["model"] is None or e.without_ppm:
+        if ppm["model"] is None or e.without_ppm == "every" or (e.without_ppm == "last" and k == self.cfg.rounds):
             runs["mcts_no_ppm"] = mcts
         for name, kw in runs.items():
             summary = self._search(d / name, policy["model"], heldout, **common, **kw)
@@ -246,7 +246,7 @@ def _pair_accuracy(ppm: str, heldout: Path, dtype: str) -> dict[str, Any]:
         return {"pairs": 0, "accuracy": None}
     pairs = read_jsonl(heldout)
     rm = load_model(ppm)
-    items = [(p["prompt"], [p[side]]) for p in pairs for side in ("pos", "neg")]
+    items = [(p["prompt"], [p[side]] if isinstance(p[side], str) else p[side]) for p in pairs for side in ("pos", "neg")]
     scores = score_steps(rm.params, rm.cfg, rm.tokenizer, items, compute_dtype=dtype)
     wins = [scores[2 * i][-1] > scores[2 * i + 1][-1] for i in range(len(pairs))]
     return {"pairs": len(pairs), "accuracy": sum(wins) / len(wins)}

@@ -6,10 +6,12 @@ logits run in fp32. RoPE is HF's rotate-half convention, so HF checkpoints load 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.params import Params
@@ -69,6 +71,31 @@ def attend(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array, all
     return out.reshape(B, T, H * E)
 
 
+def attend_parts(q_BxTxHxE: jax.Array, parts: Sequence[tuple[str, jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """Grouped-query attention over several key/value parts with one softmax across all of them; [B, T, H*E].
+
+    A part is (layout, k, v, allowed): `layout` names k's and v's axes with p as the key axis ("pge": one set shared
+    by every row, "bpge": per row, "btpge": per query), so a shared part is broadcast, never copied per row;
+    `allowed` broadcasts against the scores [B, T, G, Q, p]. Parts without keys are skipped (shapes are static).
+    """
+    B, T, H, E = q_BxTxHxE.shape
+    parts = [part for part in parts if part[1].shape[-3] > 0]
+    q_BxTxGxQxE = q_BxTxHxE.reshape(B, T, parts[0][1].shape[-2], -1, E)
+    scale = 1.0 / np.sqrt(E)
+    scores = [
+        jnp.where(allowed, jnp.einsum(f"btgqe,{layout}->btgqp", q_BxTxGxQxE, k).astype(jnp.float32) * scale, NEG_INF)
+        for layout, k, _, allowed in parts
+    ]
+    m = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
+    exps = [jnp.exp(s - m) for s in scores]
+    denom = sum(e.sum(-1, keepdims=True) for e in exps)
+    out = sum(
+        jnp.einsum(f"btgqp,{layout}->btgqe", (e / denom).astype(v.dtype), v)
+        for (layout, _, v, _), e in zip(parts, exps)
+    )
+    return out.reshape(B, T, H * E)
+
+
 def attn_out_and_mlp(layer: Params, cfg: ModelConfig, h_BxTxD: jax.Array, attn_BxTxHE: jax.Array) -> jax.Array:
     """Residual add of the attention output, then the SwiGLU MLP block."""
     h = h_BxTxD + linear(attn_BxTxHE, layer["self_attn"]["o_proj"])
@@ -105,29 +132,39 @@ def forward(
     remat: bool = False,
     return_kv: bool = False,
     constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] | None = None,
+    shared_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ):
     """Final-norm hidden states [B, T, D]; with `return_kv`, also k, v stacked as [L, B, T, G, E].
 
     `constrain(x, logical_axes)` lets the training code pin activation shardings without the model knowing the mesh.
+    `shared_kv` = (k [L, P, G, E], v [L, P, G, E], valid [P]): keys/values of a prefix that every row continues
+    (positions must start after it); every token attends to its valid slots, broadcast over the batch.
     """
     pin = constrain or (lambda x, axes: x)
     allowed_BxTxT = segment_mask(positions_BxT, segment_ids_BxT)
     h = pin(embed(params, input_ids_BxT, compute_dtype), ("batch", "length", "embed"))
 
-    def block(h, layer):
+    def block(h, xs):
+        layer, shared = xs
         q, k, v = qkv(layer, cfg, h, positions_BxT)
-        h = attn_out_and_mlp(layer, cfg, h, attend(q, k, v, allowed_BxTxT))
+        if shared is None:
+            a = attend(q, k, v, allowed_BxTxT)
+        else:
+            a = attend_parts(q, [("pge", *shared, shared_kv[2]), ("bpge", k, v, allowed_BxTxT[:, :, None, None])])
+        h = attn_out_and_mlp(layer, cfg, h, a)
         return pin(h, ("batch", "length", "embed")), ((k, v) if return_kv else None)
 
     if remat:
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
     layers = params["model"]["layers"]  # stacked dict, or a per-layer list (see sampling.prepare_params)
+    shared_layers = None if shared_kv is None else shared_kv[:2]
     if scan_layers:
-        h, kv = jax.lax.scan(block, h, layers)
+        h, kv = jax.lax.scan(block, h, (layers, shared_layers))
     else:
         outs = []
         for i in range(cfg.num_hidden_layers):
-            h, kv_i = block(h, layers[i] if isinstance(layers, list) else layer_at(layers, i))
+            layer = layers[i] if isinstance(layers, list) else layer_at(layers, i)
+            h, kv_i = block(h, (layer, None if shared_layers is None else layer_at(shared_layers, i)))
             outs.append(kv_i)
         kv = jax.tree.map(lambda *xs: jnp.stack(xs), *outs) if return_kv else None
     h = rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps)

@@ -8,7 +8,8 @@ answer when asked, and the new steps scored by the reward model in one batched f
 The proposer is injectable (`Proposer`): `LMProposer` samples from a causal LM; tests script candidates.
 A node's tokens are `tokenizer.encode(node_text)` (the step as generated plus, for a code terminal, the
 inserted observation), so a node's prompt is the question's tokens followed by its path's node tokens, which
-is what `tree.gather_path` assembles on device.
+is what `tree.gather_path` assembles on device. Every question's tokens start with the same few-shot tokens
+(`StepEnv.shared_prefix_ids`), whose keys/values the sampler computes once and caches.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class Request:
     problem: Problem
     path_texts: tuple[str, ...]  # node texts from the root (exclusive) to this node
     prompt_ids: tuple[int, ...]  # question tokens + path node tokens
-    key: jax.Array  # this node's sampling key (a scripted proposer uses it; see LMProposer)
+    key: jax.Array  # this node's sampling key: its samples depend on it alone, not on the rest of the batch
+    shared_len: int = 0  # leading prompt_ids shared by every request of the env (few-shot); set by StepEnv.expand
 
 
 # (requests, samples per request, temperature) -> per request, that many completions
@@ -93,12 +95,8 @@ def question_prompt(problem: Problem, few_shot: str = "") -> str:
 
 
 class LMProposer:
-    """Candidate steps sampled from a causal LM (params from `sampling.prepare_params`).
-
-    `sampling.generate` takes one key per call, so the call uses the first request's key and a sample's
-    stream also depends on its row in the call: the same problem searched in a different batch draws
-    different samples (scripted proposers, keyed per request, do not have this limit).
-    """
+    """Candidate steps sampled from a causal LM (params from `sampling.prepare_params`), each request with its own
+    key, after the requests' shared few-shot prefix (prefilled once per model and prefix, then cached)."""
 
     def __init__(self, params, cfg, tokenizer, max_new_tokens: int = 256, top_p: float = 1.0, top_k: int = 0):
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
@@ -107,8 +105,8 @@ class LMProposer:
     def __call__(self, requests: Sequence[Request], num: int, temperature: float) -> list[list[Completion]]:
         settings = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p,
                                   top_k=self.top_k, num_samples=num, stop=STOP_STRINGS)
-        return generate(self.params, self.cfg, self.tokenizer, [list(r.prompt_ids) for r in requests], settings,
-                        requests[0].key)
+        return generate(self.params, self.cfg, self.tokenizer, [r.prompt_ids for r in requests], settings,
+                        [r.key for r in requests], shared_prefix=requests[0].prompt_ids[: requests[0].shared_len])
 
 
 class RewardScorer:
@@ -135,12 +133,23 @@ class StepEnv:
         self.propose, self.runner, self.tokenizer = propose, runner, tokenizer
         self.step_len, self.grader, self.scorer, self.few_shot = step_len, grader, scorer, few_shot
         self.stats = stats or Stats()
+        self.shared_prefix_ids = self._few_shot_ids() if few_shot else ()
 
     @property
     def max_depth(self) -> int:
         return self.runner.max_steps
 
+    def _few_shot_ids(self) -> tuple[int, ...]:
+        """The tokens every question's encoding starts with. Not simply encode(few_shot): BPE can merge across the
+        end of a text (SmolLM2 encodes the closing blank line as one token alone, as two before "<|user|>"), so keep
+        the tokens that stay the same when the question template follows."""
+        alone = self.tokenizer.encode(self.few_shot, add_special_tokens=True)
+        followed = self.tokenizer.encode(build_prompt("", (), self.few_shot), add_special_tokens=True)
+        n = next((i for i, (a, b) in enumerate(zip(alone, followed)) if a != b), min(len(alone), len(followed)))
+        return tuple(alone[:n])
+
     def question_ids(self, problem: Problem) -> tuple[int, ...]:
+        """The question prompt's tokens, exactly as encoded whole; they start with `shared_prefix_ids`."""
         return tuple(self.tokenizer.encode(question_prompt(problem, self.few_shot), add_special_tokens=True))
 
     def encode(self, text: str) -> tuple[int, ...]:
@@ -162,6 +171,8 @@ class StepEnv:
         """
         if not requests:
             return []
+        if self.shared_prefix_ids:
+            requests = [dataclasses.replace(r, shared_len=len(self.shared_prefix_ids)) for r in requests]
         with self.stats.timed("sampling"):
             completions = self.propose(requests, num, temperature)
         self.stats.policy_calls += 1
