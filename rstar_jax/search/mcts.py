@@ -192,17 +192,12 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
         for level in range(env.max_depth):
             with env.stats.timed("tree"):
                 tree, leaf_B, expandable_B = select(tree, tcfg, start_B)
-                prefix_BxP, length_B = gather_path(tree, tcfg, leaf_B)
-                leaf, prefix, length = np.asarray(leaf_B), np.asarray(prefix_BxP), np.asarray(length_B)
-                parent_BxN = np.asarray(tree.parent_BxN)
                 active &= np.asarray(expandable_B)
             if not active.any():
                 break
-            requests = []
-            for b in np.flatnonzero(active):
-                path = path_texts(nodes[b], parent_BxN[b], int(leaf[b]))
-                requests.append(Request(int(b), problems[b], path, question_ids[b] + tuple(prefix[b, : length[b]]),
-                                        request_key(keys[b], r, level)))
+            with env.stats.timed("tree"):
+                requests = leaf_requests(tree, tcfg, leaf_B, active, problems, nodes, question_ids,
+                                         lambda b: request_key(keys[b], r, level))
             expanded = env.expand(requests, K, cfg.temperature, grade=gold, score=score_nodes,
                                   one_answer=True)
             rows = {req.row: children for req, children in zip(requests, expanded)}
@@ -222,6 +217,19 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
         saved = tree_io.from_device(tree, b, nodes[b], info)
         results.append(tree_result(saved, env.grader, cfg.top_n, lambda q: (q + 1.0) / 2.0))
     return results
+
+
+def leaf_requests(tree: Tree, tcfg: TreeConfig, leaf_B: jax.Array, active_B: np.ndarray,
+                  problems: Sequence[Problem], nodes: list[list[dict]], question_ids: Sequence[tuple[int, ...]],
+                  key_of) -> list[Request]:
+    """One request per active problem: its leaf's step texts and prompt ids (question + path tokens gathered on
+    device); `key_of(b)` is problem b's key for this call."""
+    prefix_BxP, length_B = gather_path(tree, tcfg, leaf_B)
+    leaf, prefix, length = np.asarray(leaf_B), np.asarray(prefix_BxP), np.asarray(length_B)
+    parent_BxN = np.asarray(tree.parent_BxN)
+    return [Request(int(b), problems[b], path_texts(nodes[b], parent_BxN[b], int(leaf[b])),
+                    question_ids[b] + tuple(prefix[b, : length[b]]), key_of(int(b)))
+            for b in np.flatnonzero(active_B)]
 
 
 def path_texts(nodes: list[dict], parent_N: np.ndarray, node: int) -> tuple[str, ...]:

@@ -34,10 +34,10 @@ import numpy as np
 from rstar_jax.data import Problem
 from rstar_jax.math.steps import StepKind
 from rstar_jax.search import tree_io
-from rstar_jax.search.mcts import (MODES, ProblemResult, check_choice, check_nonnegative, check_positive, pack, path_texts,
-                                   record_children, request_key, tree_result)
+from rstar_jax.search.mcts import (MODES, ProblemResult, check_choice, check_nonnegative, check_positive,
+                                   leaf_requests, pack, record_children, request_key, tree_result)
 from rstar_jax.search.policy import Child, Request, StepEnv
-from rstar_jax.search.tree import TreeConfig, expand, gather_path, new_tree
+from rstar_jax.search.tree import TreeConfig, expand, new_tree
 from rstar_jax.search.tree_star import StarConfig, backup_star, rollout_update, select_star
 
 
@@ -90,17 +90,12 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
     for it in range(cfg.iterations):
         with env.stats.timed("tree"):
             tree, leaf_B, expandable_B = select_star(tree, scfg)
-            prefix_BxP, length_B = gather_path(tree, tcfg, leaf_B)
-            leaf, prefix, length = np.asarray(leaf_B), np.asarray(prefix_BxP), np.asarray(length_B)
-            parent_BxN = np.asarray(tree.parent_BxN)
             active = np.asarray(expandable_B) & ~done
         if not active.any():
             break
-        requests = []
-        for b in np.flatnonzero(active):
-            path = path_texts(nodes[b], parent_BxN[b], int(leaf[b]))
-            requests.append(Request(int(b), problems[b], path, question_ids[b] + tuple(prefix[b, : length[b]]),
-                                    request_key(keys[b], it)))
+        with env.stats.timed("tree"):
+            requests = leaf_requests(tree, tcfg, leaf_B, active, problems, nodes, question_ids,
+                                     lambda b: request_key(keys[b], it))
         expanded = env.expand(requests, K, cfg.temperature, grade=gold, score=True)
         rows = {req.row: children for req, children in zip(requests, expanded)}
         with env.stats.timed("tree"):
