@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rstar_jax.models.config import ModelConfig
-from rstar_jax.models.llama import NEG_INF, attend_parts, attn_out_and_mlp, forward, lm_head, qkv, rms_norm
+from rstar_jax.models.llama import NEG_INF, attend_parts, attn_out_and_mlp, forward, lm_head, qkv, rms_norm, unstack_layers
 from rstar_jax.models.params import Params
 
 # Incremented only while tracing, so it counts compilations (tests assert that similar calls do not recompile).
@@ -100,8 +100,7 @@ def prepare_params(params: Params, compute_dtype: Any = jnp.float32) -> Params:
 
     layers = cast["model"]["layers"]
     if isinstance(layers, dict):
-        n = jax.tree.leaves(layers)[0].shape[0]
-        layers = [jax.tree.map(lambda a: a[i], layers) for i in range(n)]
+        layers = unstack_layers(layers)
     cast["model"]["layers"] = [transpose(layer) for layer in layers]
     return cast
 

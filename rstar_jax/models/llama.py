@@ -105,8 +105,13 @@ def attn_out_and_mlp(layer: Params, cfg: ModelConfig, h_BxTxD: jax.Array, attn_B
     return h + linear(gated, mlp["down_proj"])
 
 
-def layer_at(layers: Params, i: int | jax.Array) -> Params:
-    return jax.tree.map(lambda a: a[i], layers)
+def unstack_layers(layers: Params) -> list[Params]:
+    """A stacked layer tree [L, ...] as L per-layer trees. Split (not L slices): its gradient is one concatenate,
+    where slices would add L zero-padded copies (~0.6 s per SmolLM2 train step on CPU)."""
+    leaves, treedef = jax.tree.flatten(layers)
+    n = leaves[0].shape[0]
+    parts = [[x.reshape(x.shape[1:]) for x in jnp.split(a, n)] for a in leaves]
+    return [jax.tree.unflatten(treedef, [p[i] for p in parts]) for i in range(n)]
 
 
 def segment_mask(positions_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
@@ -161,10 +166,11 @@ def forward(
     if scan_layers:
         h, kv = jax.lax.scan(block, h, (layers, shared_layers))
     else:
+        per_layer = layers if isinstance(layers, list) else unstack_layers(layers)
+        per_shared = [None] * len(per_layer) if shared_layers is None else unstack_layers(shared_layers)
         outs = []
-        for i in range(cfg.num_hidden_layers):
-            layer = layers[i] if isinstance(layers, list) else layer_at(layers, i)
-            h, kv_i = block(h, (layer, None if shared_layers is None else layer_at(shared_layers, i)))
+        for layer, shared in zip(per_layer, per_shared):
+            h, kv_i = block(h, (layer, shared))
             outs.append(kv_i)
         kv = jax.tree.map(lambda *xs: jnp.stack(xs), *outs) if return_kv else None
     h = rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
