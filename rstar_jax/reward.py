@@ -17,7 +17,7 @@ import numpy as np
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.heads import reported_value, reward_logits, step_probability
 from rstar_jax.models.params import Params
-from rstar_jax.sampling import bucket
+from rstar_jax.sampling import batch_bucket, bucket
 
 
 def encode_steps(tokenizer, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -51,7 +51,7 @@ def score_steps(
     out: list[list[float]] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        B, T = bucket(len(chunk)), bucket(max(len(ids) for ids, _ in chunk), 16)
+        B, T = batch_bucket(len(chunk)), bucket(max(len(ids) for ids, _ in chunk), 16)
         ids_BxT = np.zeros((B, T), np.int32)
         mask_BxT = np.zeros((B, T), np.int32)
         for i, (ids, _) in enumerate(chunk):

@@ -181,6 +181,10 @@ def test_length_finish_and_eos_stop(params):
     assert stopped.finish_reason == "stop" and stopped.token_ids == out.token_ids[: first + 1]
 
 
+def test_batch_rows_are_powers_of_two_up_to_four_then_multiples_of_four():
+    assert [sampling.batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 12, 13)] == [1, 2, 4, 4, 8, 8, 12, 12, 16]
+
+
 def test_similar_calls_do_not_recompile(params):
     p = prepare_params(params)
     s = SamplingConfig(max_new_tokens=9, temperature=0.7, num_samples=2)
