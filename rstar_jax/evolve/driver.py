@@ -241,12 +241,13 @@ def _pair_accuracy(ppm: str, heldout: Path, dtype: str) -> dict[str, Any]:
     """Share of held-out pairs whose chosen step the PPM scores above the rejected one."""
     from rstar_jax.models.hf_io import load_model
     from rstar_jax.reward import score_steps
+    from rstar_jax.train.data import pair_steps
 
     if not _has_records(heldout):
         return {"pairs": 0, "accuracy": None}
     pairs = read_jsonl(heldout)
     rm = load_model(ppm)
-    items = [(p["prompt"], [p[side]] if isinstance(p[side], str) else p[side]) for p in pairs for side in ("pos", "neg")]
+    items = [(p["prompt"], pair_steps(p, side)) for p in pairs for side in ("pos", "neg")]
     scores = score_steps(rm.params, rm.cfg, rm.tokenizer, items, compute_dtype=dtype)
     wins = [scores[2 * i][-1] > scores[2 * i + 1][-1] for i in range(len(pairs))]
     return {"pairs": len(pairs), "accuracy": sum(wins) / len(wins)}

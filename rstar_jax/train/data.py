@@ -136,6 +136,11 @@ def _steps_example(tok: TextEncoder, rec: dict, targets: list[float]) -> Aligned
     return Aligned(np.asarray(ids, np.int32), tgt, w)
 
 
+def pair_steps(rec: dict, side: str) -> list[str]:
+    """A PPM record's `pos` or `neg` as its list of steps (a single string is one step)."""
+    return [rec[side]] if isinstance(rec[side], str) else rec[side]
+
+
 def tokenize(records: list[dict], kind: str, tok: TextEncoder, data: DataSection) -> list[Aligned | Pair]:
     """Examples from records; `prm_soft_labels=False` rounds MC fractions to hard 0/1 labels."""
     out: list[Aligned | Pair] = []
@@ -148,7 +153,7 @@ def tokenize(records: list[dict], kind: str, tok: TextEncoder, data: DataSection
             weights[max(len(prompt) - 1, 0) : len(ids) - 1] = 1.0  # position t predicts token t+1
             out.append(Aligned(ids, np.append(ids[1:], 0).astype(np.int32), weights))
         elif kind == "ppm":
-            pos, neg = ([r] if isinstance(r, str) else r for r in (rec["pos"], rec["neg"]))
+            pos, neg = pair_steps(rec, "pos"), pair_steps(rec, "neg")
             out.append(Pair(np.asarray(encode_steps(tok, rec["prompt"], pos)[0], np.int32),
                             np.asarray(encode_steps(tok, rec["prompt"], neg)[0], np.int32),
                             1.0 / (rec["pos_count"] * rec["neg_count"])))
