@@ -118,22 +118,70 @@ def batch_bucket(n: int) -> int:
     return bucket(n) if n <= 4 else -(-n // 4) * 4
 
 
+VOCAB_BLOCK = 256  # vocabulary entries per block of the two-level argmax and CDF search
+
+
+def vocab_blocks(x_NxV: jax.Array, fill: float) -> jax.Array:
+    """[N, V] -> [N, C, VOCAB_BLOCK], the vocabulary padded with `fill` to whole blocks."""
+    N, V = x_NxV.shape
+    return jnp.pad(x_NxV, ((0, 0), (0, -V % VOCAB_BLOCK)), constant_values=fill).reshape(N, -1, VOCAB_BLOCK)
+
+
+def in_block(x_NxCxB: jax.Array, block_N: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x_NxCxB, block_N[:, None, None], axis=1)[:, 0]
+
+
+def argmax_rows(logits_NxV: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (first maximum wins), in two levels: XLA:CPU's argmax reduction is not
+    vectorised (2.6 ms for 16 rows of a 49k vocabulary), a max per block then an argmax per block is (0.15 ms)."""
+    x = vocab_blocks(logits_NxV, -jnp.inf)
+    block = jnp.argmax(x.max(-1), axis=-1)
+    return (block * VOCAB_BLOCK + jnp.argmax(in_block(x, block), axis=-1)).astype(jnp.int32)
+
+
+def first_above(cdf_NxM: jax.Array, u_N: jax.Array, p_NxM: jax.Array) -> jax.Array:
+    """Index of the first entry whose cumulative mass exceeds u, never past the last entry of positive mass
+    (where rounding puts u at the very top)."""
+    M = cdf_NxM.shape[-1]
+    last = M - 1 - jnp.argmax(p_NxM[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(jnp.sum(cdf_NxM <= u_N[:, None], axis=-1), last)
+
+
+def draw_categorical(keys_N: jax.Array, logits_NxV: jax.Array, temperature) -> jax.Array:
+    """One draw per row from softmax(logits / temperature): one uniform per row inverts the CDF, found in two
+    levels (block masses, then inside the chosen block). jax.random.categorical draws a Gumbel per vocabulary
+    entry instead: ~90 ms per step for 96 rows of a 49k vocabulary on CPU, against ~3 ms here. The temperature
+    is applied inside the exp: dividing the logits first lets XLA:CPU fuse the division into the head's matmul,
+    which then runs 3x slower. NEG_INF entries are never drawn."""
+    x = vocab_blocks(logits_NxV.astype(jnp.float32), NEG_INF)
+    p_NxCxB = jnp.exp((x - x.max(axis=(-2, -1), keepdims=True)) / temperature)
+    mass_NxC = p_NxCxB.sum(-1)
+    cdf_NxC = jnp.cumsum(mass_NxC, axis=-1)
+    u_N = jax.vmap(jax.random.uniform)(keys_N) * cdf_NxC[:, -1]
+    block = first_above(cdf_NxC, u_N, mass_NxC)
+    before_N = jnp.where(block > 0, jnp.take_along_axis(cdf_NxC, jnp.maximum(block - 1, 0)[:, None], 1)[:, 0], 0.0)
+    p_NxB = in_block(p_NxCxB, block)
+    inner = first_above(before_N[:, None] + jnp.cumsum(p_NxB, axis=-1), u_N, p_NxB)
+    return (block * VOCAB_BLOCK + inner).astype(jnp.int32)
+
+
 def sample_tokens(logits_NxV, keys_N, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
-    """temperature -> top-k -> top-p -> categorical (the order transformers applies them), one key per row."""
+    """temperature -> top-k -> top-p -> categorical (the order transformers applies them), one key per row.
+    A positive temperature keeps the order of the logits, so the top-k / top-p cut is found on the raw logits."""
     if greedy:
-        return jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
-    logits = logits_NxV / temperature
+        return argmax_rows(logits_NxV)
+    logits = logits_NxV
     if top_k or use_top_p:
         # Sorted candidates: the top-k when set (cheap), else the whole vocabulary (needed for exact top-p).
         sorted_NxC = jax.lax.top_k(logits, top_k or logits.shape[-1])[0]
         if use_top_p:
-            probs = jax.nn.softmax(sorted_NxC, axis=-1)
+            probs = jax.nn.softmax(sorted_NxC / temperature, axis=-1)
             keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # always keeps the first candidate
             threshold = jnp.take_along_axis(sorted_NxC, jnp.sum(keep, -1, keepdims=True) - 1, axis=-1)
         else:
             threshold = sorted_NxC[..., -1:]
         logits = jnp.where(logits < threshold, NEG_INF, logits)
-    return jax.vmap(jax.random.categorical)(keys_N, logits).astype(jnp.int32)
+    return draw_categorical(keys_N, logits, temperature)
 
 
 def step_keys(keys_BxK: jax.Array, t: jax.Array) -> jax.Array:

@@ -133,6 +133,41 @@ def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_batch(params, shared
     assert len({tuple(c.token_ids) for row in batch for c in row}) > 3  # samples and prompts really differ
 
 
+def test_two_level_argmax_equals_argmax_with_ties_and_a_ragged_vocabulary():
+    logits = np.array(jax.random.normal(jax.random.key(0), (6, 600)))  # 600: two whole blocks and a part
+    logits[1, [3, 300]] = 9.0  # a tie across blocks: the first wins
+    logits[2, [520, 599]] = 9.0  # both in the last, partial block
+    logits[3, 255:257] = 9.0  # on a block edge
+    logits[4, :] = -2.0  # all equal
+    assert np.array_equal(np.asarray(sampling.argmax_rows(jnp.asarray(logits))), np.argmax(logits, axis=-1))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8)])
+def test_sampled_frequencies_follow_the_filtered_softmax(temperature, top_k, top_p):
+    """Inverse-CDF draws over a vocabulary that is not a whole number of blocks, with NEG_INF (masked) entries:
+    the frequencies of 40k draws match softmax(logits / T) after the top-k / top-p cut, and no cut or masked
+    entry is ever drawn."""
+    V, n = 300, 40_000
+    logits = np.array(jax.random.normal(jax.random.key(1), (V,))) * 2.0
+    logits[[7, 260, 299]] = sampling.NEG_INF
+    z = logits / temperature
+    order = np.argsort(-z)
+    keep = np.zeros(V, bool)
+    keep[order[: top_k or V]] = True
+    if top_p < 1.0:
+        p_sorted = np.exp(z[order] - z[order].max())
+        p_sorted /= p_sorted.sum()
+        keep &= np.isin(np.arange(V), order[(np.cumsum(p_sorted) - p_sorted) < top_p])
+    expected = np.where(keep, np.exp(z - z.max()), 0.0)
+    expected /= expected.sum()
+    keys = jax.random.split(jax.random.key(2), n)
+    draw = jax.jit(lambda k: sample_tokens(jnp.broadcast_to(jnp.asarray(logits), (n, V)), k, jnp.float32(temperature),
+                                           jnp.float32(top_p), greedy=False, top_k=top_k, use_top_p=top_p < 1.0))
+    freq = np.bincount(np.asarray(draw(keys)), minlength=V) / n
+    assert freq[expected == 0].sum() == 0
+    assert np.abs(freq - expected).max() < 4 * np.sqrt(expected.max() / n)
+
+
 def test_greedy_equals_argmax_of_full_forward(params):
     prompt = [1, 2, 3, 4, 5]
     out = generate(prepare_params(params), CFG, ThreeCharTokenizer(), [prompt], SamplingConfig(max_new_tokens=10),
