@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rstar_jax.jit import quick_jit
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.llama import NEG_INF, attend_parts, attn_out_and_mlp, forward, lm_head, qkv, rms_norm, unstack_layers
 from rstar_jax.models.params import Params
@@ -211,7 +212,7 @@ def empty_shared_prefix(cfg: ModelConfig) -> SharedPrefix:
     return SharedPrefix(kv, kv, jnp.zeros((0,), bool))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@quick_jit(static_argnames=("cfg",))
 def shared_prefill(params, tokens_1xP, length, *, cfg) -> SharedPrefix:
     """Keys/values of a right-padded prefix whose first `length` tokens are real."""
     TRACE_COUNTS["shared_prefill"] += 1
@@ -237,7 +238,9 @@ def shared_prefix_kv(params: Params, cfg: ModelConfig, prefix: tuple[int, ...]) 
     cache_key = (id(params), cfg, prefix)
     hit = _shared_cache.get(cache_key)
     if hit is None or hit[0]() is not embed:
-        tokens_1xP = np.zeros((1, bucket(len(prefix), 16)), np.int32)
+        # Multiples of 64, not powers of two: a run uses one prefix, so the finer size adds no compilations, and
+        # every decode step attends over the padding (789 few-shot tokens would be padded to 1024).
+        tokens_1xP = np.zeros((1, -(-len(prefix) // 64) * 64), np.int32)
         tokens_1xP[0, : len(prefix)] = prefix
         hit = (weakref.ref(embed), shared_prefill(params, jnp.asarray(tokens_1xP), jnp.int32(len(prefix)), cfg=cfg))
         _shared_cache[cache_key] = hit
@@ -247,7 +250,7 @@ def shared_prefix_kv(params: Params, cfg: ModelConfig, prefix: tuple[int, ...]) 
     return hit[1]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_samples", "suffix_len", "greedy", "top_k", "use_top_p"))
+@quick_jit(static_argnames=("cfg", "num_samples", "suffix_len", "greedy", "top_k", "use_top_p"))
 def prefill(params, tokens_BxP, lens_B, keys_B, shared: SharedPrefix, temperature, top_p, *, cfg, num_samples,
             suffix_len, greedy, top_k, use_top_p):
     """Run the left-padded prompt remainders once (after the shared prefix), sample each prompt's K first tokens,
@@ -303,7 +306,7 @@ def decode_step(params: Params, cfg: ModelConfig, st: DecodeState, shared: Share
     return st._replace(token_BxK=nxt.reshape(B, K), t=st.t + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "greedy", "top_k", "use_top_p"), donate_argnums=(1,))
+@quick_jit(static_argnames=("cfg", "steps", "greedy", "top_k", "use_top_p"), donate_argnums=(1,))
 def decode_chunk(params, st: DecodeState, shared: SharedPrefix, temperature, top_p, *, cfg, steps, greedy, top_k,
                  use_top_p):
     """`steps` decode steps in one compiled loop; returns the new state and the tokens sampled [B, K, steps]."""

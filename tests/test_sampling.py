@@ -254,7 +254,7 @@ def test_shared_prefix_is_computed_once_per_model_and_prefix(params, monkeypatch
     first = generate(p, CFG, ThreeCharTokenizer(), prompts, s, jax.random.key(0), shared_prefix=prefix)
     again = generate(p, CFG, ThreeCharTokenizer(), prompts, s, jax.random.key(0), shared_prefix=prefix)
     generate(p, CFG, ThreeCharTokenizer(), [prefix + [4, 5, 6]], s, jax.random.key(1), shared_prefix=prefix)
-    assert runs == [(1, 16)]  # one forward over the bucketed prefix for three calls
+    assert runs == [(1, 64)]  # one forward over the prefix padded to a multiple of 64 for three calls
     assert [[c.token_ids for c in row] for row in again] == [[c.token_ids for c in row] for row in first]
     # another prefix, or another params object (even with equal values), is computed afresh
     generate(p, CFG, ThreeCharTokenizer(), [prefix[:-1] + [1]], s, jax.random.key(0), shared_prefix=prefix[:-1])

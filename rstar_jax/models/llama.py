@@ -72,29 +72,46 @@ def attend(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array, all
     return out.reshape(B, T, H * E)
 
 
+# Score layout of each kind of key/value part: the dots' batch axes first, then the query axes, so XLA's dot
+# output is already in place. One common [B, T, G, Q, p] layout cost a transpose of every score and probability
+# tensor (in a 12-prompt prefill after a 1k-token shared prefix, 113 MB per layer and most of the call's time).
+PART_LAYOUTS = {"pge": "gbtq", "bpge": "bgtq", "btpge": "btgq"}
+
+
+def to_layout(x: jax.Array, src: str, dst: str) -> jax.Array:
+    """Permute x's axes from `src` to `dst` (axis names); an x of fewer axes broadcasts as it is."""
+    return jnp.transpose(x, [src.index(a) for a in dst]) if x.ndim == len(src) else x
+
+
 def attend_parts(q_BxTxHxE: jax.Array, parts: Sequence[tuple[str, jax.Array, jax.Array, jax.Array]]) -> jax.Array:
     """Grouped-query attention over several key/value parts with one softmax across all of them; [B, T, H*E].
 
     A part is (layout, k, v, allowed): `layout` names k's and v's axes with p as the key axis ("pge": one set shared
     by every row, "bpge": per row, "btpge": per query), so a shared part is broadcast, never copied per row;
-    `allowed` broadcasts against the scores [B, T, G, Q, p]. Parts without keys are skipped (shapes are static).
+    `allowed` is [p] or [B, T, G, Q, p] (size-1 axes broadcast). Parts without keys are skipped (shapes are
+    static). Each part keeps its scores in its own layout (`PART_LAYOUTS`); only the per-query softmax
+    statistics and outputs, which have no key axis, are moved to a common layout.
     """
     B, T, H, E = q_BxTxHxE.shape
     parts = [part for part in parts if part[1].shape[-3] > 0]
     q_BxTxGxQxE = q_BxTxHxE.reshape(B, T, parts[0][1].shape[-2], -1, E)
     scale = 1.0 / np.sqrt(E)
-    scores = [
-        jnp.where(allowed, jnp.einsum(f"btgqe,{layout}->btgqp", q_BxTxGxQxE, k).astype(jnp.float32) * scale, NEG_INF)
-        for layout, k, _, allowed in parts
-    ]
-    m = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
-    exps = [jnp.exp(s - m) for s in scores]
-    denom = sum(e.sum(-1, keepdims=True) for e in exps)
-    out = sum(
-        jnp.einsum(f"btgqp,{layout}->btgqe", (e / denom).astype(v.dtype), v)
-        for (layout, _, v, _), e in zip(parts, exps)
-    )
-    return out.reshape(B, T, H * E)
+    common = "btgq"
+    scores = []
+    for layout, k, _, allowed in parts:
+        lay = PART_LAYOUTS[layout]
+        s = jnp.einsum(f"btgqe,{layout}->{lay}p", q_BxTxGxQxE, k).astype(jnp.float32) * scale
+        scores.append(jnp.where(to_layout(allowed, common + "p", lay + "p"), s, NEG_INF))
+    m = functools.reduce(jnp.maximum, [to_layout(s.max(-1), PART_LAYOUTS[part[0]], common)
+                                       for s, part in zip(scores, parts)])
+    denom, out = 0.0, 0.0
+    for (layout, _, v, _), s in zip(parts, scores):
+        lay = PART_LAYOUTS[layout]
+        e = jnp.exp(s - to_layout(m, common, lay)[..., None])
+        denom = denom + to_layout(e.sum(-1), lay, common)
+        o = jnp.einsum(f"{lay}p,{layout}->{lay}e", e.astype(v.dtype), v)
+        out = out + to_layout(o, lay + "e", common + "e").astype(jnp.float32)
+    return (out / denom[..., None]).astype(q_BxTxHxE.dtype).reshape(B, T, H * E)
 
 
 def attn_out_and_mlp(layer: Params, cfg: ModelConfig, h_BxTxD: jax.Array, attn_BxTxHE: jax.Array) -> jax.Array:
