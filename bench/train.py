@@ -1,9 +1,10 @@
 """Training throughput: rstar-jax's sharded train step vs a PyTorch loop over the same model, on this machine.
 
-    python bench/train.py [--model smollm2-135m] [--batch 4] [--seq 256] [--steps 3]
+    python bench/train.py [--model smollm2-135m] [--batch 4] [--seq 256] [--steps 3] [--dtype float32|bfloat16]
 
-Both sides: the same HF weights, the same random token batch, causal-LM loss on every token, AdamW, fp32.
-Prints tokens/s, model FLOPs utilisation against the fp32 matmul peak measured in this run, and the ratio.
+Both sides: the same HF weights, the same random token batch, causal-LM loss on every token, AdamW, fp32 master
+weights; compute in fp32, or in bf16 (rstar-jax's `model.compute_dtype`, PyTorch's CPU autocast).
+Prints tokens/s, model FLOPs utilisation against the matmul peak of that dtype measured in this run, and the ratio.
 Model FLOPs per token = 6 x (matmul parameters incl. lm_head) + 3 x attention (4 x T x H x E per layer, causal
 half not subtracted, as in the PaLM MFU convention).
 """
@@ -19,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 FLOP/s of an n x n matmul chain under jax.jit (the machine's attainable matmul peak)."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32)) / np.sqrt(n)
-    f = jax.jit(lambda x: x @ a @ a @ a @ a)
+def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
+    """Best FLOP/s of an n x n matmul chain in `dtype` under jax.jit (the machine's attainable matmul peak)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32) / np.sqrt(n), dtype)
+    mm = lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32).astype(dtype)  # as `llama.linear`
+    f = jax.jit(lambda x: mm(mm(mm(mm(x, a), a), a), a))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(reps):
@@ -39,7 +41,7 @@ def model_flops_per_token(cfg, seq: int) -> float:
     return 6 * matmul_params + 3 * L * 4 * seq * H * E
 
 
-def bench_jax(spec: str, ids: np.ndarray, steps: int) -> tuple[float, float]:
+def bench_jax(spec: str, ids: np.ndarray, steps: int, dtype: str) -> tuple[float, float]:
     """(seconds per step, final loss) for rstar-jax's own train step on a 1-device mesh."""
     from rstar_jax.config import load_config
     from rstar_jax.train import sharding
@@ -48,7 +50,8 @@ def bench_jax(spec: str, ids: np.ndarray, steps: int) -> tuple[float, float]:
 
     B, T = ids.shape
     cfg = load_config([f"data.batch_size={B}", f"data.seq_len={T}", "mesh.data=1", "optim.schedule=constant",
-                       "optim.learning_rate=1e-5", "optim.weight_decay=0.01", "optim.clip_norm=0"])
+                       "optim.learning_rate=1e-5", "optim.weight_decay=0.01", "optim.clip_norm=0",
+                       f"model.compute_dtype={dtype}"])
     mc, params, _ = load_for_training(spec, "sft", cfg)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     opt = make_optimizer(cfg.optim, steps + 1)
@@ -71,7 +74,7 @@ def bench_jax(spec: str, ids: np.ndarray, steps: int) -> tuple[float, float]:
         return (time.perf_counter() - t) / steps, loss
 
 
-def bench_torch(folder, ids: np.ndarray, steps: int) -> tuple[float, float]:
+def bench_torch(folder, ids: np.ndarray, steps: int, dtype: str) -> tuple[float, float]:
     import torch
     import transformers
 
@@ -83,7 +86,8 @@ def bench_torch(folder, ids: np.ndarray, steps: int) -> tuple[float, float]:
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=x, labels=x).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         return loss.item()
@@ -101,6 +105,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     args = ap.parse_args()
 
     from rstar_jax.models.hf_io import load_model
@@ -111,11 +116,12 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(args.batch, args.seq)).astype(np.int32)
     tokens = args.batch * args.seq
     flops_tok = model_flops_per_token(cfg, args.seq)
-    peak = matmul_peak()
-    print(f"machine: {os.cpu_count()} CPUs, {jax.devices()[0].platform}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (jax, 2048^2)")
+    peak = matmul_peak(args.dtype)
+    print(f"machine: {os.cpu_count()} CPUs, {jax.devices()[0].platform}; {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s (jax, 2048^2)")
     print(f"model {args.model}: {flops_tok / 1e9:.3f} GFLOP per trained token; batch {args.batch} x {args.seq}, {args.steps} timed steps")
     rows = []
-    for name, fn in (("rstar-jax", lambda: bench_jax(args.model, ids, args.steps)), ("pytorch", lambda: bench_torch(folder, ids, args.steps))):
+    for name, fn in (("rstar-jax", lambda: bench_jax(args.model, ids, args.steps, args.dtype)),
+                     ("pytorch", lambda: bench_torch(folder, ids, args.steps, args.dtype))):
         sec, loss = fn()
         rows.append((name, tokens / sec, tokens * flops_tok / sec / peak, sec, loss))
     print("\n| impl | tokens/s | MFU (of measured peak) | s/step | loss |\n|---|---|---|---|---|")
