@@ -102,6 +102,7 @@ class DataSection:
 class TrainSection:
     epochs: float = 1.0
     max_steps: int = 0  # > 0 caps the number of optimizer steps
+    min_steps: int = 0  # at least this many steps (a few records' epochs are a handful of steps)
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     save_every: int = 200

@@ -65,6 +65,19 @@ def test_bf16_remat_scan_track_fp32(tmp_path):
     assert not np.array_equal(runs["bf16"], runs["fp32"])
 
 
+def test_step_count_from_epochs_min_steps_and_max_steps():
+    from rstar_jax.config import load_config
+    from rstar_jax.train.loop import total_steps
+
+    def steps(*overrides):
+        return total_steps(load_config(list(overrides)), steps_per_epoch=2)
+
+    assert steps("train.epochs=4") == 8
+    assert steps("train.epochs=4", "train.min_steps=12") == 12  # few records: at least min_steps
+    assert steps("train.epochs=4", "train.min_steps=5") == 8
+    assert steps("train.epochs=4", "train.min_steps=12", "train.max_steps=3") == 3
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", sft_records(4))
     with pytest.raises(RunConfigError, match="training kind 'dpo'"):
@@ -73,5 +86,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         run_training("sft", "random", str(data), str(tmp_path / "b"), [*TINY, "data.grad_accum=3"])
     with pytest.raises(RunConfigError, match="model.arch"):
         run_training("sft", "random", str(data), str(tmp_path / "c"), [])
+    with pytest.raises(RunConfigError, match=r"train.min_steps=-1 must be >= 0"):
+        run_training("sft", "random", str(data), str(tmp_path / "e"), [*TINY, "train.min_steps=-1"])
     with pytest.raises(DataFormatError, match=r"sft.jsonl:1: ppm record is missing 'pos'"):
         run_training("ppm", "random", str(data), str(tmp_path / "d"), TINY)
