@@ -99,16 +99,14 @@ def attend_parts(q_BxTxHxE: jax.Array, parts: Sequence[tuple[str, jax.Array, jax
     q_BxTxGxQxE = q_BxTxHxE.reshape(B, T, parts[0][1].shape[-2], -1, E)
     scale = 1.0 / np.sqrt(E)
     common = "btgq"
+    lays = [PART_LAYOUTS[layout] for layout, *_ in parts]
     scores = []
-    for layout, k, _, allowed in parts:
-        lay = PART_LAYOUTS[layout]
+    for (layout, k, _, allowed), lay in zip(parts, lays):
         s = jnp.einsum(f"btgqe,{layout}->{lay}p", q_BxTxGxQxE, k).astype(jnp.float32) * scale
         scores.append(jnp.where(to_layout(allowed, common + "p", lay + "p"), s, NEG_INF))
-    m = functools.reduce(jnp.maximum, [to_layout(s.max(-1), PART_LAYOUTS[part[0]], common)
-                                       for s, part in zip(scores, parts)])
+    m = functools.reduce(jnp.maximum, [to_layout(s.max(-1), lay, common) for s, lay in zip(scores, lays)])
     denom, out = 0.0, 0.0
-    for (layout, _, v, _), s in zip(parts, scores):
-        lay = PART_LAYOUTS[layout]
+    for (layout, _, v, _), s, lay in zip(parts, scores, lays):
         e = jnp.exp(s - to_layout(m, common, lay)[..., None])
         denom = denom + to_layout(e.sum(-1), lay, common)
         o = jnp.einsum(f"{lay}p,{layout}->{lay}e", e.astype(v.dtype), v)
