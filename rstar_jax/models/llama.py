@@ -25,15 +25,44 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dot_f32(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+    """einsum with an fp32 result, and a backward pass whose two dots also accumulate and return fp32 (then cast):
+    XLA:CPU runs bf16 dots 2.5x faster that way (AVX512-BF16 kernels), and JAX's own transpose would ask for
+    bf16 results."""
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
+def _dot_f32_fwd(x, w, spec):
+    return dot_f32(x, w, spec), (x, w)
+
+
+def _dot_f32_bwd(spec, res, dy):
+    x, w = res
+    (a, b), c = spec.split("->")[0].split(","), spec.split("->")[1]
+    dy = dy.astype(x.dtype)
+    dx = jnp.einsum(f"{c},{b}->{a}", dy, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum(f"{c},{a}->{b}", dy, x, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
+
+
+def rows_dot(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+    """`dot_f32` over x's last axis (spec "ni,oi->no" for a weight [out, in], "ni,io->no" for [in, out]) with x's
+    leading axes flattened into rows, weight cast to x's dtype. Flattened, XLA:CPU's backward pass gets the
+    weight gradient from plain 2-D dots; with the batch and length axes kept apart it wrote their operands
+    transposed through a slow loop fusion (SmolLM2 train step 7.4 -> 6.2 s, BUILD_NOTES)."""
+    y = dot_f32(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), spec)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def linear(x: jax.Array, proj: Params) -> jax.Array:
-    """x @ W.T for a projection's HF `weight` [out, in] (+ `bias`), in x's dtype, accumulated in fp32: XLA:CPU
-    runs bf16 dots 2.5x faster with an fp32 result than with a bf16 one (AVX512-BF16 kernels). Decode-prepared
+    """x @ W.T for a projection's HF `weight` [out, in] (+ `bias`), in x's dtype, accumulated in fp32. Decode-prepared
     parameters (`sampling.prepare_params`) carry `weight_t` [in, out] instead: XLA:CPU runs small-batch matmuls
     ~1.4x faster in that layout."""
-    if "weight_t" in proj:
-        y = jnp.matmul(x, proj["weight_t"].astype(x.dtype), preferred_element_type=jnp.float32)
-    else:
-        y = jnp.einsum("...i,oi->...o", x, proj["weight"].astype(x.dtype), preferred_element_type=jnp.float32)
+    y = rows_dot(x, proj["weight_t"], "ni,io->no") if "weight_t" in proj else rows_dot(x, proj["weight"], "ni,oi->no")
     y = y if proj.get("bias") is None else y + proj["bias"].astype(jnp.float32)
     return y.astype(x.dtype)
 
@@ -198,7 +227,7 @@ def forward(
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """fp32 logits; tied models reuse the embedding matrix."""
     w = params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    return jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return rows_dot(hidden, w, "nd,vd->nv")
 
 
 def positions_from_mask(attention_mask_BxT: jax.Array) -> jax.Array:
