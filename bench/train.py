@@ -3,8 +3,10 @@
     python bench/train.py [--model smollm2-135m] [--batch 4] [--seq 256] [--steps 3] [--dtype float32|bfloat16]
 
 Both sides: the same HF weights, the same random token batch, causal-LM loss on every token, AdamW, fp32 master
-weights; compute in fp32, or in bf16 (rstar-jax's `model.compute_dtype`, PyTorch's CPU autocast).
-Prints tokens/s, model FLOPs utilisation against the matmul peak of that dtype measured in this run, and the ratio.
+weights; compute in fp32, or in bf16 (rstar-jax's `model.compute_dtype`, PyTorch's CPU autocast). The two sides'
+timed steps alternate and each reports its median step, so a machine whose speed drifts during the run slows both
+alike. Prints tokens/s, model FLOPs utilisation against the matmul peak of that dtype measured in this run, and
+the ratio.
 Model FLOPs per token = 6 x (matmul parameters incl. lm_head) + 3 x attention (4 x T x H x E per layer, causal
 half not subtracted, as in the PaLM MFU convention).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +44,9 @@ def model_flops_per_token(cfg, seq: int) -> float:
     return 6 * matmul_params + 3 * L * 4 * seq * H * E
 
 
-def bench_jax(spec: str, ids: np.ndarray, steps: int, dtype: str) -> tuple[float, float]:
-    """(seconds per step, final loss) for rstar-jax's own train step on a 1-device mesh."""
+def jax_stepper(spec: str, ids: np.ndarray, steps: int, dtype: str) -> Callable[[], float]:
+    """rstar-jax's own train step on a 1-device mesh, compiled and warmed up: each call runs one step and returns
+    its loss."""
     from rstar_jax.config import load_config
     from rstar_jax.train import sharding
     from rstar_jax.train.model_source import load_for_training
@@ -65,16 +69,19 @@ def bench_jax(spec: str, ids: np.ndarray, steps: int, dtype: str) -> tuple[float
         state = init_state(params, opt, sh)
         step = compile_step(make_train_step("sft", mc, cfg, opt, steps + 1), sh, mesh, batch)
         dev_batch = sharding.put_batch(batch, mesh)
-        state, m = step(state, dev_batch)  # compile + warm-up
-        jax.block_until_ready(m)
-        t = time.perf_counter()
-        for _ in range(steps):
-            state, m = step(state, dev_batch)
-        loss = float(m["loss"])
-        return (time.perf_counter() - t) / steps, loss
+    holder = [state]
+
+    def run() -> float:
+        with jax.set_mesh(mesh):
+            holder[0], m = step(holder[0], dev_batch)
+            return float(m["loss"])  # waits for the step
+
+    run()  # compile + warm-up
+    return run
 
 
-def bench_torch(folder, ids: np.ndarray, steps: int, dtype: str) -> tuple[float, float]:
+def torch_stepper(folder, ids: np.ndarray, dtype: str) -> Callable[[], float]:
+    """The same step in PyTorch (transformers `LlamaForCausalLM`, torch AdamW), warmed up."""
     import torch
     import transformers
 
@@ -93,10 +100,7 @@ def bench_torch(folder, ids: np.ndarray, steps: int, dtype: str) -> tuple[float,
         return loss.item()
 
     step()  # warm-up
-    t = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    return (time.perf_counter() - t) / steps, loss
+    return step
 
 
 def main() -> None:
@@ -119,12 +123,20 @@ def main() -> None:
     peak = matmul_peak(args.dtype)
     print(f"machine: {os.cpu_count()} CPUs, {jax.devices()[0].platform}; {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s (jax, 2048^2)")
     print(f"model {args.model}: {flops_tok / 1e9:.3f} GFLOP per trained token; batch {args.batch} x {args.seq}, {args.steps} timed steps")
+    sides = {"rstar-jax": jax_stepper(args.model, ids, args.steps, args.dtype),
+             "pytorch": torch_stepper(folder, ids, args.dtype)}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    losses: dict[str, float] = {}
+    for _ in range(args.steps):  # alternate, so drift in the machine's speed hits both sides alike
+        for name, step in sides.items():
+            t = time.perf_counter()
+            losses[name] = step()
+            times[name].append(time.perf_counter() - t)
     rows = []
-    for name, fn in (("rstar-jax", lambda: bench_jax(args.model, ids, args.steps, args.dtype)),
-                     ("pytorch", lambda: bench_torch(folder, ids, args.steps, args.dtype))):
-        sec, loss = fn()
-        rows.append((name, tokens / sec, tokens * flops_tok / sec / peak, sec, loss))
-    print("\n| impl | tokens/s | MFU (of measured peak) | s/step | loss |\n|---|---|---|---|---|")
+    for name in sides:
+        sec = float(np.median(times[name]))
+        rows.append((name, tokens / sec, tokens * flops_tok / sec / peak, sec, losses[name]))
+    print("\n| impl | tokens/s | MFU (of measured peak) | s/step (median) | loss |\n|---|---|---|---|---|")
     for name, tps, mfu, sec, loss in rows:
         print(f"| {name} | {tps:,.0f} | {mfu:.1%} | {sec:.2f} | {loss:.4f} |")
     print(f"\nrstar-jax / pytorch tokens/s: {rows[0][1] / rows[1][1]:.2f}x")
