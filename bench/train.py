@@ -69,11 +69,11 @@ def jax_stepper(spec: str, ids: np.ndarray, steps: int, dtype: str) -> Callable[
         state = init_state(params, opt, sh)
         step = compile_step(make_train_step("sft", mc, cfg, opt, steps + 1), sh, mesh, batch)
         dev_batch = sharding.put_batch(batch, mesh)
-    holder = [state]
 
     def run() -> float:
+        nonlocal state
         with jax.set_mesh(mesh):
-            holder[0], m = step(holder[0], dev_batch)
+            state, m = step(state, dev_batch)
             return float(m["loss"])  # waits for the step
 
     run()  # compile + warm-up

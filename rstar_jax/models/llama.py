@@ -39,7 +39,8 @@ def _dot_f32_fwd(x, w, spec):
 
 def _dot_f32_bwd(spec, res, dy):
     x, w = res
-    (a, b), c = spec.split("->")[0].split(","), spec.split("->")[1]
+    inputs, c = spec.split("->")
+    a, b = inputs.split(",")
     dy = dy.astype(x.dtype)
     dx = jnp.einsum(f"{c},{b}->{a}", dy, w, preferred_element_type=jnp.float32).astype(x.dtype)
     dw = jnp.einsum(f"{c},{a}->{b}", dy, x, preferred_element_type=jnp.float32).astype(w.dtype)
