@@ -6,8 +6,10 @@ never re-prefills its ~1k-token few-shot prompt. The prefix part [L, B, P, G, E]
 tokens once (left-padded, so every row's prompt ends at slot P-1); the suffix part [L, B, K, S, G, E] holds each
 sample's own tokens. A decode step attends over all three with one softmax, so K samples never copy or recompute
 their prompt. Decoding runs in jitted chunks of `chunk` tokens; between chunks the host checks stop strings (which
-need detokenised text) and quits once every sample has finished. Batch, prompt, shared-prefix and new-token sizes
-are bucketed so similar calls reuse compiled code.
+need detokenised text) and quits once every sample has finished. When at most half the rows are still running, the
+state is gathered down to those rows (one sample per row, rows a power of two): a search's call decodes until its
+longest step ends, and most samples end long before. Batch, prompt, shared-prefix and new-token sizes are bucketed
+so similar calls reuse compiled code.
 
 Sample k of prompt i draws token t with fold_in(fold_in(key_i, k), t), key_i being the prompt's own key, so what a
 prompt samples does not depend on its row or on the other prompts of the call.
@@ -118,6 +120,8 @@ def batch_bucket(n: int) -> int:
     padding); a search keeps its batch size, so the finer steps add few compilations."""
     return bucket(n) if n <= 4 else -(-n // 4) * 4
 
+
+GATHER_MIN_ROWS = 8  # below this many rows a decode step costs about the same whatever the rows (weights dominate)
 
 VOCAB_BLOCK = 256  # vocabulary entries per block of the two-level argmax and CDF search
 
@@ -320,6 +324,16 @@ def decode_chunk(params, st: DecodeState, shared: SharedPrefix, temperature, top
     return st, jnp.moveaxis(toks_SxBxK, 0, -1)
 
 
+@quick_jit
+def gather_rows(st: DecodeState, b_R: jax.Array, k_R: jax.Array) -> DecodeState:
+    """The state of samples (b_R[r], k_R[r]) only, as R prompts of one sample each (every row carries its own copy
+    of its prompt's keys/values; keys and positions are per row, so what each sample draws does not change)."""
+    TRACE_COUNTS["gather_rows"] += 1
+    return DecodeState(st.prefix_k[:, b_R], st.prefix_v[:, b_R], st.prefix_valid_BxP[b_R],
+                       st.suffix_k[:, b_R, k_R][:, :, None], st.suffix_v[:, b_R, k_R][:, :, None], st.lens_B[b_R],
+                       st.token_BxK[b_R, k_R][:, None], st.t, st.keys_BxK[b_R, k_R][:, None])
+
+
 def _finish(tokenizer, ids: list[int], eos: set[int], stops: Sequence[str], checked: int):
     """(token_ids, text, done) for one sample; `checked` tokens were already known not to contain a stop."""
     cut = next((i for i, t in enumerate(ids) if t in eos), None)
@@ -378,7 +392,12 @@ def generate(
         params, jnp.asarray(tokens_BxP), jnp.asarray(lens_B), keys_B, shared, temp, top_p,
         cfg=cfg, num_samples=K, suffix_len=bucket(-(-max(steps_total, 1) // chunk) * chunk), **flags,
     )
-    generated = np.asarray(st.token_BxK)[:n, :, None]
+    generated = np.zeros((n, K, settings.max_new_tokens), np.int32)
+    generated[:, :, 0] = np.asarray(st.token_BxK)[:n]
+    filled = 1
+    # state row r (of the flattened [B, K]) -> (prompt, sample); -1 for padding rows
+    row_Rx2 = np.stack(np.divmod(np.arange(B * K), K), axis=1)
+    row_Rx2[row_Rx2[:, 0] >= n] = -1
     eos = set(cfg.eos_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     eos = set() if settings.ignore_eos else eos
     results: list[list[Completion | None]] = [[None] * K for _ in range(n)]
@@ -387,12 +406,22 @@ def generate(
         for i in range(n):
             for k in range(K):
                 if results[i][k] is None:
-                    ids, text, done = _finish(tokenizer, generated[i, k].tolist(), eos, settings.stop, checked)
-                    if done or generated.shape[-1] >= settings.max_new_tokens:
+                    ids, text, done = _finish(tokenizer, generated[i, k, :filled].tolist(), eos, settings.stop, checked)
+                    if done or filled >= settings.max_new_tokens:
                         results[i][k] = Completion(text, ids, "stop" if done else "length")
-        checked = generated.shape[-1]
-        if all(c is not None for row in results for c in row):
+        checked = filled
+        live = np.flatnonzero([i >= 0 and results[i][k] is None for i, k in row_Rx2])
+        if not len(live):
             return results  # type: ignore[return-value]
+        rows = bucket(len(live))
+        if len(row_Rx2) >= GATHER_MIN_ROWS and 2 * rows <= len(row_Rx2):
+            pick = np.concatenate([live, np.full(rows - len(live), live[0])])  # padding repeats a live row
+            K_now = st.token_BxK.shape[1]
+            st = gather_rows(st, jnp.asarray(pick // K_now), jnp.asarray(pick % K_now))
+            row_Rx2 = np.concatenate([row_Rx2[live], np.full((rows - len(live), 2), -1)])
         st, toks = decode_chunk(params, st, shared, temp, top_p, cfg=cfg, steps=chunk, **flags)
-        room = settings.max_new_tokens - generated.shape[-1]
-        generated = np.concatenate([generated, np.asarray(toks)[:n, :, :room]], axis=-1)
+        take = min(chunk, settings.max_new_tokens - filled)
+        real = row_Rx2[:, 0] >= 0
+        toks_RxC = np.asarray(toks).reshape(len(row_Rx2), chunk)
+        generated[row_Rx2[real, 0], row_Rx2[real, 1], filled : filled + take] = toks_RxC[real, :take]
+        filled += take

@@ -143,6 +143,12 @@ def test_evolve_two_rounds_killed_mid_search_and_mid_training_resumes(tiny_hf_fo
     train_steps = [r["step"] for r in _lines(policy_run / "metrics.jsonl") if r.get("split") == "train"]
     assert train_steps[-1] == 6 and len(train_steps) == len(set(train_steps))  # resumed, no step logged twice
     assert states["sft_data"]["train_records"] > 0 and states["ppm_data"]["train_pairs"] > 0
+    for k in (1, 2):  # finished training stages keep their export and metrics, not their ~2 GB checkpoints
+        for stage in ("policy", "ppm"):
+            d = run / f"round_{k}" / stage
+            if json.loads((d / "state.json").read_text())["result"]["trained"]:
+                assert (d / "hf" / "config.json").is_file() and (d / "run" / "metrics.jsonl").is_file()
+            assert not (d / "run" / "checkpoints").exists()
 
     report = json.loads((run / "report.json").read_text())["rounds"]
     assert [r["round"] for r in report] == [0, 1, 2]

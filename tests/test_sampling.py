@@ -92,25 +92,56 @@ def test_greedy_with_shared_prefix_equals_without(params):
     assert len({tuple(row[0].token_ids) for row in plain}) == 3  # the prompts' continuations differ
 
 
+_full_logits = jax.jit(causal_lm_logits, static_argnums=1)
+_sample = jax.jit(sample_tokens, static_argnames=("greedy", "top_k", "use_top_p"))
+
+
+def cache_free_samples(params, prompt, key, K, T, *, temperature, top_p=1.0, top_k=0, stop=None):
+    """K samples drawn token by token from full forwards (no cache) with the sampler's per-step keys, each until
+    EOS, T tokens, or `stop(tokens)`."""
+    keys_1xK = sample_keys(key[None], K)
+    out = []
+    for k in range(K):
+        seq = list(prompt)
+        while len(seq) < len(prompt) + T and (len(seq) == len(prompt) or seq[-1] != CFG.eos_token_id):
+            if stop is not None and stop(seq[len(prompt) :]):
+                break
+            padded = jnp.asarray([seq + [0] * (len(prompt) + T - len(seq))])
+            logits = _full_logits(params, CFG, padded)[0, len(seq) - 1]
+            step_key = step_keys(keys_1xK, len(seq) - len(prompt))[k]
+            seq.append(int(_sample(logits[None], step_key[None], jnp.float32(temperature), jnp.float32(top_p),
+                                   greedy=False, top_k=top_k, use_top_p=top_p < 1.0)[0]))
+        out.append(seq[len(prompt) :])
+    return out
+
+
 def test_k_samples_from_shared_prefill_equal_a_full_forward_sampler(params):
     """K samples decoded from one prefill draw what a cache-free sampler draws with the same per-step keys."""
     prompt, K, T = [5, 6, 7, 8], 4, 12
     kw = dict(temperature=1.0, top_p=0.95, top_k=40)
-    key = jax.random.key(3)
     out = generate(prepare_params(params), CFG, ThreeCharTokenizer(), [prompt], SamplingConfig(T, num_samples=K, **kw),
                    jax.random.key(3)[None])[0]
-    keys_1xK = sample_keys(key[None], K)
-    full = jax.jit(causal_lm_logits, static_argnums=1)
-    for k, c in enumerate(out):
-        seq = list(prompt)
-        while len(seq) < len(prompt) + T and (len(seq) == len(prompt) or seq[-1] != CFG.eos_token_id):
-            padded = jnp.asarray([seq + [0] * (len(prompt) + T - len(seq))])
-            logits = full(params, CFG, padded)[0, len(seq) - 1]
-            step_key = step_keys(keys_1xK, len(seq) - len(prompt))[k]
-            seq.append(int(sample_tokens(logits[None], step_key[None], jnp.float32(1.0), jnp.float32(0.95),
-                                         greedy=False, top_k=40, use_top_p=True)[0]))
-        assert c.token_ids == seq[len(prompt) :]
+    assert [c.token_ids for c in out] == cache_free_samples(params, prompt, jax.random.key(3), K, T, **kw)
     assert len({tuple(c.token_ids) for c in out}) > 1  # the samples really differ
+
+
+def test_finished_samples_leave_the_decode_batch_and_the_rest_draw_the_same(params, monkeypatch):
+    """Once at most half the rows still run, the state is gathered down to them (32 -> 16 -> ... rows here); every
+    sample still draws exactly what a cache-free sampler draws with its keys."""
+    gathered = []
+    real_gather = sampling.gather_rows
+    monkeypatch.setattr(sampling, "gather_rows", lambda st, b, k: gathered.append(len(b)) or real_gather(st, b, k))
+    prompts, K, T, stop = [[5, 6, 7, 8], [9], [1, 2, 3]], 8, 40, "5|"  # about 1 token in 10 ends with the digit 5
+    keys = jax.random.split(jax.random.key(11), 3)
+    settings = SamplingConfig(T, temperature=1.0, num_samples=K, stop=(stop,), chunk=4)
+    out = generate(prepare_params(params), CFG, ThreeCharTokenizer(), prompts, settings, keys)
+    assert gathered and gathered == sorted(gathered, reverse=True) and gathered[-1] < 16
+    tok = ThreeCharTokenizer()
+    for i, prompt in enumerate(prompts):
+        want = cache_free_samples(params, prompt, keys[i], K, T, temperature=1.0, stop=lambda ids: stop in tok.decode(ids))
+        assert [c.token_ids for c in out[i]] == want
+    lengths = sorted(len(c.token_ids) for row in out for c in row)
+    assert lengths[0] < 8 and lengths[-1] >= 20  # samples ended at very different points
 
 
 @pytest.mark.parametrize("shared_prefix", [(), tuple(range(40, 60))])

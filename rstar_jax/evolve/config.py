@@ -61,6 +61,9 @@ class EvolveConfig:
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"  # search / evaluation compute dtype
     sandbox_workers: int = 0  # 0: one per core
+    # training checkpoints (params + AdamW state: ~2 GB each for SmolLM2-135M) once the stage exported hf/;
+    # every round trains from the base model, so nothing later resumes from them
+    keep_checkpoints: bool = False
     problems: ProblemsSection = ProblemsSection()
     search: SearchSection = SearchSection()
     labels: LabelsSection = LabelsSection()

@@ -14,7 +14,8 @@ RUN_DIR layout (each stage folder is finished when it holds state.json, see `sta
     round_0/eval/                  the base policy: greedy/, mcts_no_ppm/ (search job folders)
     round_k/search/                MCTS over the training problems (trees/, results.jsonl, summary.json)
     round_k/sft_data/              sft.jsonl (this round's), train.jsonl (what the policy is trained on)
-    round_k/policy/                run/ (training run: checkpoints, metrics.jsonl), hf/ (the exported policy)
+    round_k/policy/                run/ (training run: metrics.jsonl; checkpoints/ only with keep_checkpoints),
+                                   hf/ (the exported policy)
     round_k/ppm_data/              pairs.jsonl (this round's), train.jsonl, heldout.jsonl
     round_k/ppm/                   run/, hf/ (the exported PPM, a token-classification reward model)
     round_k/eval/                  greedy/, mcts/, mcts_no_ppm/, pair_accuracy
@@ -88,13 +89,20 @@ class Rounds:
                                lambda d: self.search(d, k, policy, ppm))
             run_stage(rd / "sft_data", f"round {k}: policy SFT data", lambda d: self.sft_data(d, k))
             policy = run_stage(rd / "policy", f"round {k}: policy SFT", lambda d: self.train_policy(d, k, policy))
+            self.drop_checkpoints(rd / "policy")
             run_stage(rd / "ppm_data", f"round {k}: PPM pairs", lambda d: self.ppm_data(d, k))
             ppm = run_stage(rd / "ppm", f"round {k}: PPM training", lambda d: self.train_ppm(d, k, policy, ppm))
+            self.drop_checkpoints(rd / "ppm")
             run_stage(rd / "eval", f"round {k}: evaluate", lambda d: self.evaluate(d, policy, ppm, k))
             write_report(self.dir)
         return self.dir / "report.md"
 
     # -- helpers
+
+    def drop_checkpoints(self, stage: Path) -> None:
+        """After the stage finished (its state.json written), so a crash in between still resumes training."""
+        if not self.cfg.keep_checkpoints:
+            shutil.rmtree(stage / "run" / "checkpoints", ignore_errors=True)
 
     def few_shot(self, policy: dict[str, Any]) -> int | str:
         """The base policy needs demonstrations; an SFT'd policy was trained on the zero-shot prompt."""

@@ -129,10 +129,11 @@ class StepEnv:
 
     def __init__(self, propose: Proposer, runner: StepRunner, tokenizer, grader: Grader, *, step_len: int,
                  scorer: Scorer | None = None, few_shot: str = "",
-                 stats: Stats | None = None):
+                 stats: Stats | None = None, on_expand: Callable[[], None] | None = None):
         self.propose, self.runner, self.tokenizer = propose, runner, tokenizer
         self.step_len, self.grader, self.scorer, self.few_shot = step_len, grader, scorer, few_shot
         self.stats = stats or Stats()
+        self.on_expand = on_expand  # called after every expansion (a job's progress line)
         self.shared_prefix_ids = self._few_shot_ids() if few_shot else ()
 
     @property
@@ -212,6 +213,8 @@ class StepEnv:
             rows = self._grade(requests, rows)
         if score and self.scorer is not None:
             rows = self._score(requests, rows)
+        if self.on_expand is not None:
+            self.on_expand()
         return rows
 
     def _grade(self, requests: Sequence[Request], rows: list[list[Child]]) -> list[list[Child]]:
