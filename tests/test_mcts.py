@@ -10,7 +10,8 @@ from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.params import init_params
 from rstar_jax.sampling import prepare_params
 from rstar_jax.search import mcts, mcts_star
-from rstar_jax.search.policy import LMProposer, Request, StepEnv
+from rstar_jax.search.batch_state import BatchCheckpoint
+from rstar_jax.search.policy import LMProposer, Request, Stats, StepEnv
 from rstar_jax.search.tree import Tree
 from search_fixtures import ScriptedProposer, grader, sandbox, toy_problem, toy_scorer  # noqa: F401 (fixtures)
 
@@ -105,14 +106,25 @@ def test_weighted_vote_differs_from_best_value(grader):
     assert vote == "3"  # only the top 2 by value vote: 3 (0.95) vs 1/2 (0.65)
 
 
-@pytest.mark.parametrize("driver", ["mcts", "mcts-star"])
-def test_batched_search_equals_each_problem_alone(sandbox, grader, tiny_tokenizer, driver):
+def toy_batch(driver: str, iterations: int):
+    """Three toy problems with their keys, and the driver with a config of `iterations` rollouts / iterations."""
     problems = [toy_problem(t) for t in (6, 8, 10)]
     keys = [jax.random.key(s) for s in (3, 4, 5)]
     if driver == "mcts":
-        run, cfg = mcts.search, mcts.MCTSConfig(rollouts=3, candidates=3)
-    else:
-        run, cfg = mcts_star.search, mcts_star.StarSearchConfig(mode="terminal", iterations=5, branch=3)
+        return problems, keys, mcts.search, mcts.MCTSConfig(rollouts=iterations, candidates=3)
+    return problems, keys, mcts_star.search, mcts_star.StarSearchConfig(mode="terminal", iterations=iterations,
+                                                                        branch=3)
+
+
+def assert_same_result(a, b):
+    assert texts(a.tree) == texts(b.tree) and a.answer == b.answer
+    for name, arr in a.tree.arrays.items():
+        np.testing.assert_array_equal(arr, b.tree.arrays[name], err_msg=name)
+
+
+@pytest.mark.parametrize("driver", ["mcts", "mcts-star"])
+def test_batched_search_equals_each_problem_alone(sandbox, grader, tiny_tokenizer, driver):
+    problems, keys, run, cfg = toy_batch(driver, 3 if driver == "mcts" else 5)
 
     def go(ps, ks):
         return run(make_env(sandbox, grader, tiny_tokenizer, ScriptedProposer(shuffle=True)), ps, ks, cfg)
@@ -120,10 +132,54 @@ def test_batched_search_equals_each_problem_alone(sandbox, grader, tiny_tokenize
     batched = go(problems, keys)
     for p, k, b in zip(problems, keys, batched):
         [alone] = go([p], [k])
-        assert texts(alone.tree) == texts(b.tree) and alone.answer == b.answer
-        for name, arr in alone.tree.arrays.items():
-            np.testing.assert_array_equal(arr, b.tree.arrays[name], err_msg=name)
+        assert_same_result(alone, b)
     assert len({len(b.tree.nodes) for b in batched} | {tuple(texts(b.tree)) for b in batched}) > 1  # keys matter
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesAfter(ScriptedProposer):
+    """The scripted policy, killed (an exception) at its `calls`-th call."""
+
+    def __init__(self, calls: int):
+        super().__init__(shuffle=True)
+        self.left = calls
+
+    def __call__(self, requests, num, temperature):
+        self.left -= 1
+        if self.left < 0:
+            raise Killed
+        return super().__call__(requests, num, temperature)
+
+
+@pytest.mark.parametrize("driver", ["mcts", "mcts-star"])
+def test_a_killed_batch_resumes_from_its_state_file_with_the_same_trees(sandbox, grader, tiny_tokenizer, driver,
+                                                                        tmp_path):
+    problems, keys, run, cfg = toy_batch(driver, 4 if driver == "mcts" else 6)
+    fingerprint = {"ids": [p.id for p in problems], "driver": driver}
+
+    def go(proposer, checkpoint=None):
+        env = make_env(sandbox, grader, tiny_tokenizer, proposer)
+        return env, run(env, problems, keys, cfg, checkpoint=checkpoint)
+
+    whole_env, whole = go(ScriptedProposer(shuffle=True))
+    path = tmp_path / "batch_state.npz"
+    with pytest.raises(Killed):
+        go(DiesAfter(4), BatchCheckpoint(path, fingerprint))
+    saved = BatchCheckpoint(path, fingerprint).load(Stats())
+    assert 0 < saved.done < (cfg.rollouts if driver == "mcts" else cfg.iterations)
+    rest = DiesAfter(1000)
+    env, resumed = go(rest, BatchCheckpoint(path, fingerprint))
+    assert len(whole_env.propose.calls) > len(rest.calls) > 0  # it went on, it did not start over
+    for a, b in zip(whole, resumed):
+        assert_same_result(a, b)
+    assert env.stats.tokens == whole_env.stats.tokens and env.stats.policy_calls == whole_env.stats.policy_calls
+    # a state file of another batch is not used
+    other = DiesAfter(1000)
+    go(other, BatchCheckpoint(path, fingerprint | {"ids": ["x"]}))
+    assert len(other.calls) == len(whole_env.propose.calls)
 
 
 def test_mcts_star_end_gate_rollout_and_answer(sandbox, grader, tiny_tokenizer):

@@ -7,6 +7,7 @@ import pytest
 
 from rstar_jax.models.hf_io import load_model
 from rstar_jax.search import tree_io
+from rstar_jax.search.batch_state import BatchCheckpoint
 from rstar_jax.search.policy import RewardScorer
 from rstar_jax.search.job import SearchJobError, run_search
 from rstar_jax.search.view import write_html
@@ -50,6 +51,30 @@ def test_search_writes_trees_results_summary_and_resumes(tiny_hf_folder, tmp_pat
     # problem 2 leads its batch both times, so it is searched with the same key: same samples, same result
     assert again[2]["answer"] == recs[2]["answer"] and again[2]["tokens"] == recs[2]["tokens"]
     assert json.loads((out / "summary.json").read_text())["problems"] == 4
+    assert not (out / "batch_state.npz").exists()  # removed once its batch's results are written
+
+
+def test_search_killed_mid_batch_continues_the_batch(tiny_hf_folder, tmp_path, monkeypatch):
+    folder, _ = tiny_hf_folder()
+    whole = job(folder, tmp_path / "whole", rollouts=2, limit=2)
+    save = BatchCheckpoint.save
+
+    def save_then_die(self, state, stats):
+        save(self, state, stats)
+        raise KeyboardInterrupt  # killed right after the first rollout's state was written
+
+    monkeypatch.setattr(BatchCheckpoint, "save", save_then_die)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        job(folder, out, rollouts=2, limit=2)
+    assert (out / "batch_state.npz").is_file() and not (out / "results.jsonl").read_text()
+    monkeypatch.setattr(BatchCheckpoint, "save", save)
+    resumed = job(folder, out, rollouts=2, limit=2)
+    assert not (out / "batch_state.npz").exists()
+    keep = ("id", "answer", "tokens", "sandbox_calls", "tree")
+    assert [{k: r[k] for k in keep} for r in lines(out / "results.jsonl")] == \
+        [{k: r[k] for k in keep} for r in lines(tmp_path / "whole" / "results.jsonl")]
+    assert resumed["tokens_per_problem"] == whole["tokens_per_problem"]
 
 
 def test_search_baseline_and_bad_arguments(tiny_hf_folder, tmp_path):

@@ -6,10 +6,13 @@
                         calls, wall seconds and the per-phase seconds (its share of its batch)
     DIR/summary.json    accuracy, tokens per problem, problems per hour, tokens/s, time split; rewritten
                         after every batch from all of results.jsonl
+    DIR/batch_state.npz the MCTS / ReST-MCTS* batch in flight, removed when its results are written
 
-Problems are searched `batch` at a time. Killing the job loses at most the batch in flight: a rerun with the
-same DIR skips every id already in results.jsonl. Problem b's sampling key is fold_in(seed, crc32(id)), so a
-problem's key does not depend on its batch. The sandbox pool is started before JAX initialises a backend.
+Problems are searched `batch` at a time. A rerun with the same DIR skips every id already in results.jsonl.
+MCTS and ReST-MCTS* also save the batch in flight after every rollout (`DIR/batch_state.npz`,
+`batch_state.BatchCheckpoint`), and a rerun continues it from there with the same trees as an unbroken run;
+a killed baseline loses its batch in flight (at most `max_depth` policy calls). Problem b's sampling key is
+fold_in(seed, crc32(id)), so a problem's key does not depend on its batch. The sandbox pool is started before JAX initialises a backend.
 The few-shot prompt uses reference solutions of synthetic problems drawn with a different seed than any
 evaluated synthetic set (`FEW_SHOT_SEED`, or the next seed if the evaluated set uses it).
 """
@@ -20,7 +23,6 @@ import dataclasses
 import functools
 import json
 import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,7 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
     from rstar_jax.models.hf_io import load_model
     from rstar_jax.sampling import prepare_params
     from rstar_jax.search import baselines, mcts, mcts_star, tree_io
+    from rstar_jax.search.batch_state import BatchCheckpoint
     from rstar_jax.search.policy import LMProposer, RewardScorer, Stats, StepEnv
 
     problems = load_problems(problems_spec, limit=limit)
@@ -178,7 +181,8 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
             raise SearchJobError(f"--reward-model {settings['reward_model']!r}: not a reward model "
                                  "(expected a *ForTokenClassification folder)")
         scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.num_labels, compute_dtype=compute_dtype)
-    driver = {"mcts": mcts.search, "mcts-star": mcts_star.search}.get(settings["method"], baselines.search)
+    tree_drivers = {"mcts": mcts.search, "mcts-star": mcts_star.search}
+    driver = tree_drivers.get(settings["method"], baselines.search)
     root_key = jax.random.key(seed)
     with Grader() as grader, tqdm(total=len(problems), initial=len(problems) - len(todo), unit="problem",
                                   desc=f"search {settings['method']}", file=sys.stderr, disable=not progress) as bar:
@@ -191,10 +195,11 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             env.stats = Stats()
-            t0 = time.perf_counter()
+            state = BatchCheckpoint(out_dir / "batch_state.npz", {"ids": [p.id for p in chunk], "settings": settings})
             keys = [jax.random.fold_in(root_key, zlib.crc32(p.id.encode())) for p in chunk]
-            found = driver(env, chunk, keys, method_cfg, meta={"model": settings["model"]})
-            share = (time.perf_counter() - t0) / len(chunk)
+            resumable = {"checkpoint": state} if settings["method"] in tree_drivers else {}
+            found = driver(env, chunk, keys, method_cfg, meta={"model": settings["model"]}, **resumable)
+            share = state.elapsed() / len(chunk)
             correct = grader.equivalent_many([(p.answer, r.answer) for p, r in zip(chunk, found)])
             found = [_graded(grader, p, r) for p, r in zip(chunk, found)]
             for p, r, ok in zip(chunk, found, correct):
@@ -206,6 +211,7 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
                     "seconds": {k: round(env.stats.seconds[k] / len(chunk), 4) for k in PHASES},
                     "tree": str(path.relative_to(out_dir)),
                 })
+            state.clear()
             write_json(out_dir / "summary.json", summarize(results.records, settings))
             bar.update(len(chunk))
     results.close()

@@ -34,6 +34,7 @@ from rstar_jax.data import Problem
 from rstar_jax.math.grading import Grader
 from rstar_jax.math.steps import StepKind
 from rstar_jax.search import tree_io
+from rstar_jax.search.batch_state import BatchCheckpoint, LoopState
 from rstar_jax.search.policy import Child, Request, StepEnv
 from rstar_jax.search.tree import Expansion, Tree, TreeConfig, backup, expand, gather_path, new_tree, select
 
@@ -165,15 +166,19 @@ def tree_result(saved: tree_io.SavedTree, grader: Grader, top_n: int, weight_of)
 
 
 def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], cfg: MCTSConfig,
-           meta: dict[str, Any] | None = None) -> list[ProblemResult]:
-    """MCTS for a batch of problems; problem b draws its candidates with keys derived from `keys[b]`."""
+           meta: dict[str, Any] | None = None, checkpoint: BatchCheckpoint | None = None) -> list[ProblemResult]:
+    """MCTS for a batch of problems; problem b draws its candidates with keys derived from `keys[b]`.
+    With `checkpoint`, the search continues from its saved rollouts and saves after each rollout."""
     B, K, T = len(problems), cfg.candidates, env.step_len
     tcfg = TreeConfig(c=cfg.c, unvisited_score=cfg.unvisited_score, max_depth=env.max_depth)
     gold = cfg.mode != "inference"
     score_nodes = cfg.mode != "terminal"
-    with env.stats.timed("tree"):
-        tree = new_tree(B, cfg.num_nodes(env.max_depth), K, T)
-    nodes = [[dict(tree_io.ROOT_NODE)] for _ in problems]
+    state = checkpoint.load(env.stats) if checkpoint else None
+    if state is None:
+        with env.stats.timed("tree"):
+            state = LoopState(0, new_tree(B, cfg.num_nodes(env.max_depth), K, T),
+                              [[dict(tree_io.ROOT_NODE)] for _ in problems], {})
+    tree, nodes = state.tree, state.nodes
     question_ids = [env.question_ids(p) for p in problems]
 
     def reward_of(ch: Child) -> float:
@@ -186,7 +191,7 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
             return ch.score, True
         return 0.0, False
 
-    for r in range(cfg.rollouts):
+    for r in range(state.done, cfg.rollouts):
         start_B = jnp.zeros((B,), jnp.int32)
         active = np.ones(B, bool)
         for level in range(env.max_depth):
@@ -209,6 +214,8 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
                 child = np.asarray(child_BxK)
             record_children(nodes, rows, child)
             start_B = leaf_B
+        if checkpoint:
+            checkpoint.save(LoopState(r + 1, tree, nodes, {}), env.stats)
 
     results = []
     for b, p in enumerate(problems):

@@ -34,6 +34,7 @@ import numpy as np
 from rstar_jax.data import Problem
 from rstar_jax.math.steps import StepKind
 from rstar_jax.search import tree_io
+from rstar_jax.search.batch_state import BatchCheckpoint, LoopState
 from rstar_jax.search.mcts import (MODES, ProblemResult, check_choice, check_nonnegative, check_positive,
                                    leaf_requests, pack, record_children, request_key, tree_result)
 from rstar_jax.search.policy import Child, Request, StepEnv
@@ -71,23 +72,26 @@ class StarSearchConfig:
 
 
 def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], cfg: StarSearchConfig,
-           meta: dict[str, Any] | None = None) -> list[ProblemResult]:
+           meta: dict[str, Any] | None = None, checkpoint: BatchCheckpoint | None = None) -> list[ProblemResult]:
+    """ReST-MCTS* for a batch of problems (keys as in `mcts.search`); `checkpoint` saves after each iteration."""
     B, K, T = len(problems), cfg.branch, env.step_len
     tcfg = TreeConfig(max_depth=env.max_depth, invalid_reward=0.0)
     scfg = cfg.star
     gold = cfg.mode != "inference"
-    with env.stats.timed("tree"):
-        tree = new_tree(B, cfg.num_nodes, K, T)
-    nodes = [[dict(tree_io.ROOT_NODE)] for _ in problems]
+    state = checkpoint.load(env.stats) if checkpoint else None
+    if state is None:
+        with env.stats.timed("tree"):
+            state = LoopState(0, new_tree(B, cfg.num_nodes, K, T), [[dict(tree_io.ROOT_NODE)] for _ in problems],
+                              {"done": np.zeros(B, bool)})
+    tree, nodes, done = state.tree, state.nodes, state.flags["done"]
     question_ids = [env.question_ids(p) for p in problems]
-    done = np.zeros(B, bool)
 
     def value(ch: Child) -> float:
         if ch.kind == StepKind.ANSWER_TERMINAL and gold:
             return 1.0 if ch.correct else 0.0
         return env.unit_value(ch.score)
 
-    for it in range(cfg.iterations):
+    for it in range(state.done, cfg.iterations):
         with env.stats.timed("tree"):
             tree, leaf_B, expandable_B = select_star(tree, scfg)
             active = np.asarray(expandable_B) & ~done
@@ -128,6 +132,8 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
             tree = rollout_update(tree, scfg, jnp.asarray(node_B), best_v, jnp.asarray(rolled))
             tree = backup_star(tree, leaf_B, jnp.asarray(active))
             jax.block_until_ready(tree)
+        if checkpoint:
+            checkpoint.save(LoopState(it + 1, tree, nodes, {"done": done}), env.stats)
 
     results = []
     for b, p in enumerate(problems):
