@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import weakref
 from typing import Any, NamedTuple, Sequence
 
