@@ -117,7 +117,7 @@ def test_search_and_view_tree_through_the_cli(tiny_hf_folder, tmp_path, capsys):
             "--rollouts", "1", "--candidates", "2", "--max-depth", "2", "--max-new-tokens", "8", "--few-shot", "0",
             "--out", str(out)]
     assert main(argv) == 0
-    assert re.search(r"batch: [1-9]\d* calls, \d+ tokens", capsys.readouterr().err)  # progress within a batch
+    assert re.search(r"batch: rollout 1/1, [1-9]\d* calls, \d+ tokens", capsys.readouterr().err)  # within a batch
     summary = json.loads((out / "summary.json").read_text())
     assert summary["problems"] == 2 and len((out / "results.jsonl").read_text().splitlines()) == 2
     tree = sorted((out / "trees").glob("*.json"))[0]

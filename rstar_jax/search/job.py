@@ -186,12 +186,16 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
     root_key = jax.random.key(seed)
     with Grader() as grader, tqdm(total=len(problems), initial=len(problems) - len(todo), unit="problem",
                                   desc=f"search {settings['method']}", file=sys.stderr, disable=not progress) as bar:
+        outer = {"mcts": "rollouts", "mcts-star": "iterations"}.get(settings["method"])
+
+        def show_batch_progress():  # a batch can take an hour: show where it is as policy calls come back
+            where = f"rollout {env.stats.rollout}/{getattr(method_cfg, outer)}, " if outer else ""
+            bar.set_postfix_str(f"batch: {where}{env.stats.policy_calls} calls, "
+                                f"{sum(env.stats.tokens.values())} tokens", refresh=True)
+
         env = StepEnv(proposer, StepRunner(pool.run, max_depth), lm.tokenizer, grader,
                       step_len=max_new_tokens + 64, scorer=scorer, few_shot=few_shot_text(problems_spec, few_shot),
-                      # a batch can take many minutes: show its policy calls and tokens as they come
-                      on_expand=lambda: bar.set_postfix_str(
-                          f"batch: {env.stats.policy_calls} calls, {sum(env.stats.tokens.values())} tokens",
-                          refresh=True))
+                      on_expand=show_batch_progress)
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             env.stats = Stats()

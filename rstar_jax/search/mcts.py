@@ -192,6 +192,7 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
         return 0.0, False
 
     for r in range(state.done, cfg.rollouts):
+        env.stats.rollout = r + 1
         start_B = jnp.zeros((B,), jnp.int32)
         active = np.ones(B, bool)
         for level in range(env.max_depth):

@@ -92,6 +92,7 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
         return env.unit_value(ch.score)
 
     for it in range(state.done, cfg.iterations):
+        env.stats.rollout = it + 1
         with env.stats.timed("tree"):
             tree, leaf_B, expandable_B = select_star(tree, scfg)
             active = np.asarray(expandable_B) & ~done

@@ -80,6 +80,7 @@ class Stats:
         self.tokens: dict[str, int] = defaultdict(int)  # problem id -> tokens generated
         self.programs: dict[str, int] = defaultdict(int)  # problem id -> programs requested (cache hits included)
         self.policy_calls = 0
+        self.rollout = 0  # the tree search's current rollout / iteration, from 1 (progress display)
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
