@@ -120,6 +120,14 @@ def batch_bucket(n: int) -> int:
     return bucket(n) if n <= 4 else -(-n // 4) * 4
 
 
+def suffix_window(t_end: int, suffix_len: int) -> int:
+    """Suffix slots a decode chunk attends to when its last slot is below `t_end`: a power of two from 64 up to the
+    whole suffix. Attention over each sample's own slots is a tiny-M dot per sample that XLA:CPU runs at
+    ~6-11 GB/s, so at 64 rows and 256 slots it costs as much as all the projections; most chunks need far fewer
+    slots. Windows of 64 and up add at most two compiled chunks per shape, and none for suffixes <= 64."""
+    return min(suffix_len, bucket(t_end, 64))
+
+
 GATHER_MIN_ROWS = 8  # below this many rows a decode step costs about the same whatever the rows (weights dominate)
 
 VOCAB_BLOCK = 256  # vocabulary entries per block of the two-level argmax and CDF search
@@ -276,13 +284,13 @@ def prefill(params, tokens_BxP, lens_B, keys_B, shared: SharedPrefix, temperatur
                        keys_BxK)
 
 
-def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState, shared: SharedPrefix):
-    """Feed each sample's last token and write its K/V at suffix slot t-1; returns (logits [B, K, V], state)."""
+def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState, shared: SharedPrefix, window: int):
+    """Feed each sample's last token and write its K/V at suffix slot t-1 (< `window`); returns (logits [B, K, V],
+    state)."""
     B, K = st.token_BxK.shape
-    S = st.suffix_k.shape[3]
     slot = st.t - 1
     positions_BxK = jnp.broadcast_to(st.lens_B[:, None] + slot, (B, K))
-    svalid_S = jnp.arange(S) <= slot
+    svalid_W = jnp.arange(window) <= slot
     h = params["model"]["embed_tokens"]["weight"][st.token_BxK]
     suffix_k, suffix_v = st.suffix_k, st.suffix_v
     for i, layer in enumerate(params["model"]["layers"]):
@@ -292,7 +300,7 @@ def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState, shared: Sha
         a = attend_parts(q, [  # the K samples play the role of T: the suffix part is per query
             ("pge", shared.k[i], shared.v[i], shared.valid_P0),
             ("bpge", st.prefix_k[i], st.prefix_v[i], st.prefix_valid_BxP[:, None, None, None, :]),
-            ("btpge", suffix_k[i], suffix_v[i], svalid_S),
+            ("btpge", suffix_k[i, :, :, :window], suffix_v[i, :, :, :window], svalid_W),
         ])
         h = attn_out_and_mlp(layer, cfg, h, a)
     logits = lm_head(params, cfg, rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps))
@@ -300,23 +308,25 @@ def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState, shared: Sha
 
 
 def decode_step(params: Params, cfg: ModelConfig, st: DecodeState, shared: SharedPrefix, temperature, top_p, *,
-                greedy, top_k, use_top_p):
+                window, greedy, top_k, use_top_p):
     """One new token per sample: logits for the last token, then sample token t."""
-    logits_BxKxV, st = decode_logits(params, cfg, st, shared)
+    logits_BxKxV, st = decode_logits(params, cfg, st, shared, window)
     B, K, V = logits_BxKxV.shape
     keys = step_keys(st.keys_BxK, st.t)
     nxt = sample_tokens(logits_BxKxV.reshape(B * K, V), keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     return st._replace(token_BxK=nxt.reshape(B, K), t=st.t + 1)
 
 
-@quick_jit(static_argnames=("cfg", "steps", "greedy", "top_k", "use_top_p"), donate_argnums=(1,))
-def decode_chunk(params, st: DecodeState, shared: SharedPrefix, temperature, top_p, *, cfg, steps, greedy, top_k,
-                 use_top_p):
-    """`steps` decode steps in one compiled loop; returns the new state and the tokens sampled [B, K, steps]."""
+@quick_jit(static_argnames=("cfg", "steps", "window", "greedy", "top_k", "use_top_p"), donate_argnums=(1,))
+def decode_chunk(params, st: DecodeState, shared: SharedPrefix, temperature, top_p, *, cfg, steps, window, greedy,
+                 top_k, use_top_p):
+    """`steps` decode steps in one compiled loop, attending to the first `window` suffix slots (they must hold every
+    slot the chunk writes); returns the new state and the tokens sampled [B, K, steps]."""
     TRACE_COUNTS["decode"] += 1
 
     def body(st, _):
-        st = decode_step(params, cfg, st, shared, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+        st = decode_step(params, cfg, st, shared, temperature, top_p, window=window, greedy=greedy, top_k=top_k,
+                         use_top_p=use_top_p)
         return st, st.token_BxK
 
     st, toks_SxBxK = jax.lax.scan(body, st, None, length=steps)
@@ -418,7 +428,8 @@ def generate(
             K_now = st.token_BxK.shape[1]
             st = gather_rows(st, jnp.asarray(pick // K_now), jnp.asarray(pick % K_now))
             row_Rx2 = np.concatenate([row_Rx2[live], np.full((rows - len(live), 2), -1)])
-        st, toks = decode_chunk(params, st, shared, temp, top_p, cfg=cfg, steps=chunk, **flags)
+        window = suffix_window(filled + chunk, st.suffix_k.shape[3])
+        st, toks = decode_chunk(params, st, shared, temp, top_p, cfg=cfg, steps=chunk, window=window, **flags)
         take = min(chunk, settings.max_new_tokens - filled)
         real = row_Rx2[:, 0] >= 0
         toks_RxC = np.asarray(toks).reshape(len(row_Rx2), chunk)

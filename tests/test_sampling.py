@@ -44,8 +44,9 @@ def params():
     return init_params(CFG, jax.random.key(0), std=0.3)
 
 
-def forced_decode_logits(p, prompts, forced, shared_prefix=()):
-    """Logits [n, T, V] after each forced token, decoding from the KV cache (after `shared_prefix`, if given)."""
+def forced_decode_logits(p, prompts, forced, shared_prefix=(), window=8):
+    """Logits [n, T, V] after each forced token, decoding from the KV cache (after `shared_prefix`, if given) and
+    attending to the first `window` of its 8 suffix slots."""
     shared = shared_prefix_kv(p, CFG, tuple(shared_prefix))
     rests = [q[len(shared_prefix) :] for q in prompts]
     P = sampling.bucket(max(map(len, rests)), 16)
@@ -58,10 +59,10 @@ def forced_decode_logits(p, prompts, forced, shared_prefix=()):
         jnp.float32(1.0), cfg=CFG, num_samples=1, suffix_len=8, greedy=True, top_k=0, use_top_p=False,
     )
     got = []
-    step = jax.jit(decode_logits, static_argnums=1)
+    step = jax.jit(decode_logits, static_argnums=(1, 4))
     for t in range(forced.shape[1]):
         st = st._replace(token_BxK=jnp.asarray(forced[:, t : t + 1], jnp.int32), t=jnp.int32(t + 1))
-        logits, st = step(p, CFG, st, shared)
+        logits, st = step(p, CFG, st, shared, window)
         got.append(np.asarray(logits[:, 0]))
     return np.stack(got, axis=1)
 
@@ -79,6 +80,8 @@ def test_kv_cache_decoding_matches_full_forward_at_every_position(params):
     # the same prompts with nothing shared: every token in the per-prompt part
     unshared = forced_decode_logits(p, prompts, forced)
     np.testing.assert_allclose(shared, unshared, rtol=1e-5, atol=1e-5)
+    # attending to the 5 written suffix slots only gives the same logits as to all 8 (up to rounding)
+    np.testing.assert_allclose(forced_decode_logits(p, prompts, forced, few_shot, window=5), shared, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_with_shared_prefix_equals_without(params):
@@ -142,6 +145,22 @@ def test_finished_samples_leave_the_decode_batch_and_the_rest_draw_the_same(para
         assert [c.token_ids for c in out[i]] == want
     lengths = sorted(len(c.token_ids) for row in out for c in row)
     assert lengths[0] < 8 and lengths[-1] >= 20  # samples ended at very different points
+
+
+def test_chunks_attend_to_a_window_of_the_suffix_and_draw_the_same(params, monkeypatch):
+    """A long generation's early chunks attend to the first 64 or 128 suffix slots only; the samples are the same
+    as with every chunk attending to all 256."""
+    p, tok = prepare_params(params), ThreeCharTokenizer()
+    settings = SamplingConfig(150, temperature=1.0, num_samples=4, ignore_eos=True)
+    prompts, keys = [[5, 6, 7], [9]], jax.random.split(jax.random.key(3), 2)
+    windows = []
+    real_window = sampling.suffix_window
+    monkeypatch.setattr(sampling, "suffix_window", lambda t, s: windows.append((real_window(t, s), s)) or real_window(t, s))
+    out = generate(p, CFG, tok, prompts, settings, keys)
+    assert [w for w, _ in windows] == [64] * 3 + [128] * 4 + [256] * 3 and {s for _, s in windows} == {256}
+    monkeypatch.setattr(sampling, "suffix_window", lambda t, s: s)
+    whole = generate(p, CFG, tok, prompts, settings, keys)
+    assert [[c.token_ids for c in row] for row in out] == [[c.token_ids for c in row] for row in whole]
 
 
 @pytest.mark.parametrize("shared_prefix", [(), tuple(range(40, 60))])
