@@ -1,6 +1,6 @@
 """Resuming a batch mid-search: the loop state of MCTS / ReST-MCTS*, saved after every rollout or iteration.
 
-At the default budget one batch of MCTS is ~80 policy calls (over an hour on a CPU), so losing the batch in
+At the default budget one batch of MCTS is ~200 policy calls (about two hours on a 2-core CPU), so losing the batch in
 flight on a crash or a preempted host loses real work. The state file holds everything a search loop carries
 from one outer iteration to the next: the device tree's arrays, the host node records, loop flags (ReST-MCTS*'s
 end gate), the batch's `Stats` and wall time, and how many iterations are done. Every request's key is derived

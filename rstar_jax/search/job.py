@@ -12,7 +12,8 @@ Problems are searched `batch` at a time. A rerun with the same DIR skips every i
 MCTS and ReST-MCTS* also save the batch in flight after every rollout (`DIR/batch_state.npz`,
 `batch_state.BatchCheckpoint`), and a rerun continues it from there with the same trees as an unbroken run;
 a killed baseline loses its batch in flight (at most `max_depth` policy calls). Problem b's sampling key is
-fold_in(seed, crc32(id)), so a problem's key does not depend on its batch. The sandbox pool is started before JAX initialises a backend.
+fold_in(seed, crc32(id)), so a problem's key does not depend on its batch. The sandbox pool is started before JAX
+initialises a backend.
 The few-shot prompt uses reference solutions of synthetic problems drawn with a different seed than any
 evaluated synthetic set (`FEW_SHOT_SEED`, or the next seed if the evaluated set uses it).
 """
@@ -181,13 +182,12 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
             raise SearchJobError(f"--reward-model {settings['reward_model']!r}: not a reward model "
                                  "(expected a *ForTokenClassification folder)")
         scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.num_labels, compute_dtype=compute_dtype)
-    tree_drivers = {"mcts": mcts.search, "mcts-star": mcts_star.search}
-    driver = tree_drivers.get(settings["method"], baselines.search)
+    # tree searches: driver, and the config field counting their outer iterations (saved and shown one by one)
+    tree_search = {"mcts": (mcts.search, "rollouts"), "mcts-star": (mcts_star.search, "iterations")}
+    driver, outer = tree_search.get(settings["method"], (baselines.search, None))
     root_key = jax.random.key(seed)
     with Grader() as grader, tqdm(total=len(problems), initial=len(problems) - len(todo), unit="problem",
                                   desc=f"search {settings['method']}", file=sys.stderr, disable=not progress) as bar:
-        outer = {"mcts": "rollouts", "mcts-star": "iterations"}.get(settings["method"])
-
         def show_batch_progress():  # a batch can take an hour: show where it is as policy calls come back
             where = f"rollout {env.stats.rollout}/{getattr(method_cfg, outer)}, " if outer else ""
             bar.set_postfix_str(f"batch: {where}{env.stats.policy_calls} calls, "
@@ -199,11 +199,12 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             env.stats = Stats()
-            state = BatchCheckpoint(out_dir / "batch_state.npz", {"ids": [p.id for p in chunk], "settings": settings})
+            checkpoint = BatchCheckpoint(out_dir / "batch_state.npz",
+                                         {"ids": [p.id for p in chunk], "settings": settings})
             keys = [jax.random.fold_in(root_key, zlib.crc32(p.id.encode())) for p in chunk]
-            resumable = {"checkpoint": state} if settings["method"] in tree_drivers else {}
+            resumable = {"checkpoint": checkpoint} if outer else {}
             found = driver(env, chunk, keys, method_cfg, meta={"model": settings["model"]}, **resumable)
-            share = state.elapsed() / len(chunk)
+            share = checkpoint.elapsed() / len(chunk)
             correct = grader.equivalent_many([(p.answer, r.answer) for p, r in zip(chunk, found)])
             found = [_graded(grader, p, r) for p, r in zip(chunk, found)]
             for p, r, ok in zip(chunk, found, correct):
@@ -215,7 +216,7 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
                     "seconds": {k: round(env.stats.seconds[k] / len(chunk), 4) for k in PHASES},
                     "tree": str(path.relative_to(out_dir)),
                 })
-            state.clear()
+            checkpoint.clear()
             write_json(out_dir / "summary.json", summarize(results.records, settings))
             bar.update(len(chunk))
     results.close()
