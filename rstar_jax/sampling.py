@@ -82,8 +82,8 @@ class DecodeState(NamedTuple):
     prefix_k: jax.Array  # [L, B, P, G, E] each prompt's tokens after the shared prefix
     prefix_v: jax.Array  # [L, B, P, G, E]
     prefix_valid_BxP: jax.Array  # bool
-    suffix_k: jax.Array  # [L, B, K, S, G, E]
-    suffix_v: jax.Array  # [L, B, K, S, G, E]
+    suffix_k: jax.Array  # [L, B, K, S, G, E], stored as bits (`as_bits`)
+    suffix_v: jax.Array  # [L, B, K, S, G, E], stored as bits
     lens_B: jax.Array  # whole prompt lengths (shared prefix included)
     token_BxK: jax.Array  # last sampled token, not yet fed to the model
     t: jax.Array  # new tokens sampled so far (scalar)
@@ -218,8 +218,24 @@ def prompt_keys(key, n: int) -> jax.Array:
     return key
 
 
-def empty_shared_prefix(cfg: ModelConfig) -> SharedPrefix:
-    kv = jnp.zeros((cfg.num_hidden_layers, 0, cfg.num_key_value_heads, cfg.head_dim), jnp.float32)
+def compute_dtype(params: Params) -> Any:
+    """The dtype `prepare_params` cast the model to: prefill, the caches and decode all compute in it."""
+    return params["model"]["embed_tokens"]["weight"].dtype
+
+
+def as_bits(x: jax.Array) -> jax.Array:
+    """x's bits as unsigned ints of its width: the suffix cache is kept so because XLA:CPU runs a bfloat16
+    dynamic-update-slice by converting the whole buffer (4 s per decode step at a search call's shapes, against
+    0.2 s in fp32); on integers it writes in place. `from_bits` reads them back."""
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+
+
+def from_bits(x: jax.Array, dtype: Any) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, dtype)
+
+
+def empty_shared_prefix(params: Params, cfg: ModelConfig) -> SharedPrefix:
+    kv = jnp.zeros((cfg.num_hidden_layers, 0, cfg.num_key_value_heads, cfg.head_dim), compute_dtype(params))
     return SharedPrefix(kv, kv, jnp.zeros((0,), bool))
 
 
@@ -229,7 +245,8 @@ def shared_prefill(params, tokens_1xP, length, *, cfg) -> SharedPrefix:
     TRACE_COUNTS["shared_prefill"] += 1
     P = tokens_1xP.shape[1]
     valid_P = jnp.arange(P) < length
-    _, (k, v) = forward(params, cfg, tokens_1xP, jnp.arange(P)[None], valid_P[None].astype(jnp.int32), return_kv=True)
+    _, (k, v) = forward(params, cfg, tokens_1xP, jnp.arange(P)[None], valid_P[None].astype(jnp.int32), return_kv=True,
+                        compute_dtype=compute_dtype(params))
     return SharedPrefix(k[:, 0], v[:, 0], valid_P)
 
 
@@ -244,7 +261,7 @@ def shared_prefix_kv(params: Params, cfg: ModelConfig, prefix: tuple[int, ...]) 
     makes sure a freed model whose id gets reused misses instead of hitting, and the cache keeps no model alive.
     """
     if not prefix:
-        return empty_shared_prefix(cfg)
+        return empty_shared_prefix(params, cfg)
     embed = params["model"]["embed_tokens"]["weight"]
     cache_key = (id(params), cfg, prefix)
     hit = _shared_cache.get(cache_key)
@@ -273,13 +290,13 @@ def prefill(params, tokens_BxP, lens_B, keys_B, shared: SharedPrefix, temperatur
     positions_BxP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0) + offset
     valid_BxP = jnp.arange(P)[None, :] >= pad_B[:, None]
     hidden, (k, v) = forward(params, cfg, tokens_BxP, positions_BxP, valid_BxP.astype(jnp.int32), return_kv=True,
-                             shared_kv=shared if shared.k.shape[1] else None)
+                             compute_dtype=compute_dtype(params), shared_kv=shared if shared.k.shape[1] else None)
     logits_BxV = lm_head(params, cfg, hidden[:, -1])
     keys_BxK = sample_keys(keys_B, num_samples)
     logits_BKxV = jnp.repeat(logits_BxV, num_samples, axis=0)
     first = sample_tokens(logits_BKxV, step_keys(keys_BxK, 0), temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     L, G, E = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    suffix = jnp.zeros((L, B, num_samples, suffix_len, G, E), k.dtype)
+    suffix = as_bits(jnp.zeros((L, B, num_samples, suffix_len, G, E), k.dtype))
     return DecodeState(k, v, valid_BxP, suffix, suffix, lens_B + offset, first.reshape(B, num_samples), jnp.int32(1),
                        keys_BxK)
 
@@ -295,12 +312,13 @@ def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState, shared: Sha
     suffix_k, suffix_v = st.suffix_k, st.suffix_v
     for i, layer in enumerate(params["model"]["layers"]):
         q, k, v = qkv(layer, cfg, h, positions_BxK)  # the K samples play the role of T
-        suffix_k = jax.lax.dynamic_update_slice(suffix_k, k[None, :, :, None], (i, 0, 0, slot, 0, 0))
-        suffix_v = jax.lax.dynamic_update_slice(suffix_v, v[None, :, :, None], (i, 0, 0, slot, 0, 0))
+        suffix_k = jax.lax.dynamic_update_slice(suffix_k, as_bits(k)[None, :, :, None], (i, 0, 0, slot, 0, 0))
+        suffix_v = jax.lax.dynamic_update_slice(suffix_v, as_bits(v)[None, :, :, None], (i, 0, 0, slot, 0, 0))
         a = attend_parts(q, [  # the K samples play the role of T: the suffix part is per query
             ("pge", shared.k[i], shared.v[i], shared.valid_P0),
             ("bpge", st.prefix_k[i], st.prefix_v[i], st.prefix_valid_BxP[:, None, None, None, :]),
-            ("btpge", suffix_k[i, :, :, :window], suffix_v[i, :, :, :window], svalid_W),
+            ("btpge", from_bits(suffix_k[i, :, :, :window], k.dtype), from_bits(suffix_v[i, :, :, :window], v.dtype),
+             svalid_W),
         ])
         h = attn_out_and_mlp(layer, cfg, h, a)
     logits = lm_head(params, cfg, rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps))

@@ -85,6 +85,24 @@ def test_kv_cache_decoding_matches_full_forward_at_every_position(params):
     np.testing.assert_allclose(windowed, shared, rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_decoding_matches_a_bfloat16_full_forward(params):
+    """Prefill, the caches and decode all compute in the dtype the params were prepared in."""
+    few_shot = list(range(40, 58))
+    prompts = [few_shot + [3, 4, 5], few_shot + [7, 8, 9, 10, 11, 12, 13]]
+    forced = np.array([[20, 21, 22, 23, 24], [30, 31, 32, 33, 34]])
+    p = prepare_params(params, jnp.bfloat16)
+    for shared_prefix in (few_shot, ()):
+        got = forced_decode_logits(p, prompts, forced, shared_prefix)
+        for i, prompt in enumerate(prompts):
+            full = causal_lm_logits(params, CFG, jnp.asarray([prompt + forced[i].tolist()]), compute_dtype=jnp.bfloat16)
+            want = np.asarray(full[0, len(prompt) :])
+            # bf16 rounding alone moves these logits by ~5% of their range from fp32; a cache error moves them by all of it
+            assert np.abs(got[i] - want).max() <= 0.04 * np.abs(want).max()
+    out = generate(p, CFG, ThreeCharTokenizer(), prompts, SamplingConfig(max_new_tokens=6, num_samples=2,
+                   ignore_eos=True), jax.random.key(0), shared_prefix=few_shot)
+    assert [len(c.token_ids) for row in out for c in row] == [6] * 4
+
+
 def test_greedy_with_shared_prefix_equals_without(params):
     p = prepare_params(params)
     few_shot = list(range(40, 59))
