@@ -75,3 +75,13 @@ def test_problems_sft_writes_training_records(tmp_path, capsys):
     code, err = _run(capsys, "problems", "sft", "--problems", str(plain), "--out", str(tmp_path / "x.jsonl"))
     assert code == 2 and len(err) == 1 and "'a' has no reference solution" in err[0]
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_generate_in_bfloat16(tiny_hf_folder, tmp_path, capsys):
+    folder, _ = tiny_hf_folder()
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(folder), "--prompt", "12 + 30 =", "--max-new-tokens", "5", "--num-samples", "2",
+            "--temperature", "0.8", "--dtype", "bfloat16", "--out", str(out)]
+    assert main(argv) == 0
+    (record,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [len(c["token_ids"]) >= 1 for c in record["completions"]] == [True, True]
