@@ -5,16 +5,36 @@ CPU most of each compile is LLVM optimising elementwise code that is a small par
 are library calls). At -O1 a SmolLM2 decode chunk compiles in 5.4 s instead of 8.9 s and a prefill in 2.9 s
 instead of 4.3 s, and both run as fast (BUILD_NOTES). GPU and TPU keep their defaults; training keeps -O3 (its
 elementwise work is large).
+
+Linux caps a process's memory mappings (`vm.max_map_count`, 65530 by default) and XLA:CPU maps each compiled
+program's kernels apart: a SmolLM2 prefill plus decode chunk takes ~740 mappings. A default-budget search meets
+hundreds of shapes (prompt buckets x running rows x windows) and died after ~2 h with "LLVM compilation error:
+Cannot allocate memory". So once half the cap is used, `quick_jit` drops every compiled program
+(`jax.clear_caches()`); the ones still needed come back from the on-disk compilation cache (~2-4 s each).
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 
 CPU_OPTIONS = {"xla_backend_optimization_level": 1}
+MAPS_FRACTION = 0.5  # of vm.max_map_count, past which compiled programs are dropped
+
+
+def mappings_near_limit() -> bool:
+    """Whether this process holds more than MAPS_FRACTION of the memory mappings Linux allows it (False where
+    /proc does not tell)."""
+    try:
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+        with open("/proc/self/maps", "rb") as maps:
+            used = sum(1 for _ in maps)
+    except (OSError, ValueError):
+        return False
+    return used > MAPS_FRACTION * limit
 
 
 def quick_jit(fn: Callable | None = None, **jit_kwargs: Any):
@@ -29,6 +49,8 @@ def quick_jit(fn: Callable | None = None, **jit_kwargs: Any):
         if not jitted:
             options = CPU_OPTIONS if jax.default_backend() == "cpu" else None
             jitted.append(jax.jit(fn, compiler_options=options, **jit_kwargs))
+        if mappings_near_limit():
+            jax.clear_caches()
         return jitted[0](*args, **kwargs)
 
     return call
