@@ -16,6 +16,7 @@ Cannot allocate memory". So once half the cap is used, `quick_jit` drops every c
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,18 +24,36 @@ import jax
 
 CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 MAPS_FRACTION = 0.5  # of vm.max_map_count, past which compiled programs are dropped
+# Counting 30k mappings takes ~45 ms, too slow for every call; mappings grow by at most ~2k a minute (a search)
+CHECK_EVERY_S = 10.0
+_last_check = [float("-inf")]
+
+
+@functools.cache
+def max_map_count() -> int | None:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def mappings_near_limit() -> bool:
     """Whether this process holds more than MAPS_FRACTION of the memory mappings Linux allows it (False where
     /proc does not tell)."""
-    try:
-        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
-        with open("/proc/self/maps", "rb") as maps:
-            used = sum(1 for _ in maps)
-    except (OSError, ValueError):
+    limit = max_map_count()
+    if limit is None:
         return False
-    return used > MAPS_FRACTION * limit
+    with open("/proc/self/maps", "rb") as maps:
+        return maps.read().count(b"\n") > MAPS_FRACTION * limit
+
+
+def drop_programs_near_limit() -> None:
+    """`jax.clear_caches()` once the process nears its mapping cap, looked at most every CHECK_EVERY_S."""
+    now = time.monotonic()
+    if now - _last_check[0] >= CHECK_EVERY_S:
+        _last_check[0] = now
+        if mappings_near_limit():
+            jax.clear_caches()
 
 
 def quick_jit(fn: Callable | None = None, **jit_kwargs: Any):
@@ -49,8 +68,7 @@ def quick_jit(fn: Callable | None = None, **jit_kwargs: Any):
         if not jitted:
             options = CPU_OPTIONS if jax.default_backend() == "cpu" else None
             jitted.append(jax.jit(fn, compiler_options=options, **jit_kwargs))
-        if mappings_near_limit():
-            jax.clear_caches()
+        drop_programs_near_limit()
         return jitted[0](*args, **kwargs)
 
     return call

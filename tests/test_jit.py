@@ -30,6 +30,7 @@ def test_compiled_programs_are_dropped_near_the_mapping_limit(monkeypatch):
         step(jnp.ones(n))
     before = mappings()
     monkeypatch.setattr(jit, "MAPS_FRACTION", 0.0)  # as if the process were at the limit
+    monkeypatch.setattr(jit, "CHECK_EVERY_S", 0.0)
     assert float(step(jnp.zeros(3))[0]) == 1.0
     assert len(traces) == 22  # the shape was compiled again: every program had been dropped
     assert mappings() < before
