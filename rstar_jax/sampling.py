@@ -1,15 +1,15 @@
 """Batched generation: prefill each prompt once, decode K samples per prompt from the shared prefix cache.
 
-The cache has three parts. The shared part [L, P0, G, E] holds the keys/values of a prefix that every prompt of
-the call starts with (a few-shot block): computed once per (params, cfg, tokens) and kept in a small LRU, so search
+The cache has three parts. The shared part [L, P0, G, E] holds the keys/values of a prefix that every prompt of the
+call starts with (a few-shot block): computed once per (params, cfg, tokens) and kept in a small LRU, so search
 never re-prefills its ~1k-token few-shot prompt. The prefix part [L, B, P, G, E] holds each prompt's remaining
-tokens once (left-padded, so every row's prompt ends at slot P-1); the suffix part [L, B, K, S, G, E] holds each
-sample's own tokens. A decode step attends over all three with one softmax, so K samples never copy or recompute
-their prompt. Decoding runs in jitted chunks of `chunk` tokens; between chunks the host checks stop strings (which
-need detokenised text) and quits once every sample has finished. When at most half the rows are still running, the
-state is gathered down to those rows (one sample per row, rows a power of two): a search's call decodes until its
-longest step ends, and most samples end long before. Batch, prompt, shared-prefix and new-token sizes are bucketed
-so similar calls reuse compiled code.
+tokens once (left-padded, so every row's prompt ends at slot P-1; the prefill itself runs them packed several to a
+row, `pack_prompts`); the suffix part [L, B, K, S, G, E] holds each sample's own tokens. A decode step attends over
+all three with one softmax, so K samples never copy or recompute their prompt. Decoding runs in jitted chunks of
+`chunk` tokens; between chunks the host checks stop strings (which need detokenised text) and quits once every
+sample has finished. When at most half the rows are still running, the state is gathered down to those rows (one
+sample per row, rows a power of two): a search's call decodes until its longest step ends, and most samples end
+long before. Batch, prompt, shared-prefix and new-token sizes are bucketed so similar calls reuse compiled code.
 
 Sample k of prompt i draws token t with fold_in(fold_in(key_i, k), t), key_i being the prompt's own key, so what a
 prompt samples does not depend on its row or on the other prompts of the call.
@@ -278,27 +278,64 @@ def shared_prefix_kv(params: Params, cfg: ModelConfig, prefix: tuple[int, ...]) 
     return hit[1]
 
 
+class PackedPrompts(NamedTuple):
+    """Prompt remainders packed into R rows of W tokens for the prefill (host arrays), and where each prompt's
+    tokens go in the decode state's left-padded [B, P = W] prefix."""
+
+    tokens_RxW: np.ndarray
+    positions_RxW: np.ndarray  # within the prompt's remainder
+    segments_RxW: np.ndarray  # 1 + prompt index; 0 = padding
+    src_BxP: np.ndarray  # flat index into R*W of prefix slot p of prompt b (0 for left padding, masked)
+    last_B: np.ndarray  # flat index of each prompt's last token
+    lens_B: np.ndarray
+
+
+def pack_prompts(rests: Sequence[Sequence[int]], B: int) -> PackedPrompts:
+    """First-fit decreasing into rows as wide as the longest prompt's bucket. A batch pads every prompt to the
+    longest, so prefilling 16 short prompts of 4-29 tokens ran 512 token slots for 214 tokens; packed, a few rows
+    of the same width hold them all, and no row attends further than the longest prompt would. Rows past the n
+    prompts (B > n) copy prompt 0's slots; their results are ignored."""
+    lens = [len(r) for r in rests]
+    W = bucket(max(lens), 16)
+    room: list[int] = []
+    at = [(0, 0)] * len(rests)
+    for i in sorted(range(len(rests)), key=lambda i: -lens[i]):
+        r = next((r for r, free in enumerate(room) if free >= lens[i]), len(room))
+        if r == len(room):
+            room.append(W)
+        at[i] = (r, W - room[r])
+        room[r] -= lens[i]
+    R = batch_bucket(len(room))
+    tokens, positions, segments = (np.zeros((R, W), np.int32) for _ in range(3))
+    src_BxP, last_B, lens_B = np.zeros((B, W), np.int32), np.zeros((B,), np.int32), np.full((B,), lens[0], np.int32)
+    for i, ((r, c), n) in enumerate(zip(at, lens)):
+        tokens[r, c : c + n], positions[r, c : c + n], segments[r, c : c + n] = rests[i], np.arange(n), i + 1
+        src_BxP[i, W - n :], last_B[i], lens_B[i] = r * W + c + np.arange(n), r * W + c + n - 1, n
+    src_BxP[len(rests) :], last_B[len(rests) :] = src_BxP[0], last_B[0]
+    return PackedPrompts(tokens, positions, segments, src_BxP, last_B, lens_B)
+
+
 @quick_jit(static_argnames=("cfg", "num_samples", "suffix_len", "greedy", "top_k", "use_top_p"))
-def prefill(params, tokens_BxP, lens_B, keys_B, shared: SharedPrefix, temperature, top_p, *, cfg, num_samples,
+def prefill(params, packed: PackedPrompts, keys_B, shared: SharedPrefix, temperature, top_p, *, cfg, num_samples,
             suffix_len, greedy, top_k, use_top_p):
-    """Run the left-padded prompt remainders once (after the shared prefix), sample each prompt's K first tokens,
-    and allocate the decode state."""
+    """Run the packed prompt remainders once (after the shared prefix), sample each prompt's K first tokens, and
+    allocate the decode state."""
     TRACE_COUNTS["prefill"] += 1
-    B, P = tokens_BxP.shape
     offset = jnp.sum(shared.valid_P0, dtype=jnp.int32)
-    pad_B = P - lens_B
-    positions_BxP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0) + offset
-    valid_BxP = jnp.arange(P)[None, :] >= pad_B[:, None]
-    hidden, (k, v) = forward(params, cfg, tokens_BxP, positions_BxP, valid_BxP.astype(jnp.int32), return_kv=True,
-                             compute_dtype=compute_dtype(params), shared_kv=shared if shared.k.shape[1] else None)
-    logits_BxV = lm_head(params, cfg, hidden[:, -1])
+    hidden_RxWxD, (k, v) = forward(params, cfg, packed.tokens_RxW, packed.positions_RxW + offset, packed.segments_RxW,
+                                   return_kv=True, compute_dtype=compute_dtype(params),
+                                   shared_kv=shared if shared.k.shape[1] else None)
+    L, R, W, G, E = k.shape
+    B, P = packed.src_BxP.shape
+    k, v = (x.reshape(L, R * W, G, E)[:, packed.src_BxP] for x in (k, v))  # [L, B, P, G, E], left-padded
+    valid_BxP = jnp.arange(P)[None, :] >= P - packed.lens_B[:, None]
+    logits_BxV = lm_head(params, cfg, hidden_RxWxD.reshape(R * W, -1)[packed.last_B])
     keys_BxK = sample_keys(keys_B, num_samples)
     logits_BKxV = jnp.repeat(logits_BxV, num_samples, axis=0)
     first = sample_tokens(logits_BKxV, step_keys(keys_BxK, 0), temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-    L, G, E = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     suffix = as_bits(jnp.zeros((L, B, num_samples, suffix_len, G, E), k.dtype))
-    return DecodeState(k, v, valid_BxP, suffix, suffix, lens_B + offset, first.reshape(B, num_samples), jnp.int32(1),
-                       keys_BxK)
+    return DecodeState(k, v, valid_BxP, suffix, suffix, packed.lens_B + offset, first.reshape(B, num_samples),
+                       jnp.int32(1), keys_BxK)
 
 
 def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState, shared: SharedPrefix, window: int):
@@ -403,12 +440,7 @@ def generate(
     n, K = len(prompts), settings.num_samples
     keys_n = prompt_keys(key, n)
     rests = [p[n0:] for p in prompts]
-    B, P = batch_bucket(n), bucket(max(len(r) for r in rests), 16)
-    tokens_BxP = np.zeros((B, P), np.int32)
-    lens_B = np.ones((B,), np.int32)  # padding rows: a one-token dummy prompt, results ignored
-    for i, r in enumerate(rests):
-        tokens_BxP[i, P - len(r) :] = r
-        lens_B[i] = len(r)
+    B = batch_bucket(n)
     shared = shared_prefix_kv(params, cfg, shared_prefix)
     steps_total = settings.max_new_tokens - 1
     chunk = min(settings.chunk, bucket(steps_total))  # bucketed: short generations do not each compile
@@ -416,7 +448,7 @@ def generate(
     temp, top_p = jnp.float32(max(settings.temperature, 1e-6)), jnp.float32(settings.top_p)
     keys_B = keys_n[np.minimum(np.arange(B), n - 1)]  # padding rows reuse a key; their samples are dropped
     st = prefill(
-        params, jnp.asarray(tokens_BxP), jnp.asarray(lens_B), keys_B, shared, temp, top_p,
+        params, jax.tree.map(jnp.asarray, pack_prompts(rests, B)), keys_B, shared, temp, top_p,
         cfg=cfg, num_samples=K, suffix_len=bucket(-(-max(steps_total, 1) // chunk) * chunk), **flags,
     )
     generated = np.zeros((n, K, settings.max_new_tokens), np.int32)

@@ -49,14 +49,10 @@ def forced_decode_logits(p, prompts, forced, shared_prefix=(), window=8):
     attending to the first `window` of its 8 suffix slots."""
     shared = shared_prefix_kv(p, CFG, tuple(shared_prefix))
     rests = [q[len(shared_prefix) :] for q in prompts]
-    P = sampling.bucket(max(map(len, rests)), 16)
-    toks = np.zeros((len(rests), P), np.int32)
-    for i, r in enumerate(rests):
-        toks[i, P - len(r) :] = r
-    lens = jnp.asarray([len(r) for r in rests], jnp.int32)
+    packed = jax.tree.map(jnp.asarray, sampling.pack_prompts(rests, len(rests)))
     st = prefill(
-        p, jnp.asarray(toks), lens, prompt_keys(jax.random.key(0), len(rests)), shared, jnp.float32(1.0),
-        jnp.float32(1.0), cfg=CFG, num_samples=1, suffix_len=8, greedy=True, top_k=0, use_top_p=False,
+        p, packed, prompt_keys(jax.random.key(0), len(rests)), shared, jnp.float32(1.0), jnp.float32(1.0), cfg=CFG,
+        num_samples=1, suffix_len=8, greedy=True, top_k=0, use_top_p=False,
     )
     got = []
     step = jax.jit(decode_logits, static_argnums=(1, 4))
@@ -289,13 +285,31 @@ def test_batch_rows_are_powers_of_two_up_to_four_then_multiples_of_four():
     assert [sampling.batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 12, 13)] == [1, 2, 4, 4, 8, 8, 12, 12, 16]
 
 
+def test_prompts_are_packed_into_rows_as_wide_as_the_longest():
+    lens = [29, 5, 6, 10, 18, 13, 11, 19, 12, 11, 8, 9, 15, 4, 7, 18]  # bench/generate.py's batch 16
+    rests = [list(range(100 * i, 100 * i + n)) for i, n in enumerate(lens)]
+    pk = sampling.pack_prompts(rests, 16)
+    assert pk.tokens_RxW.shape == (8, 32)  # 214 tokens in 8 rows of 32, not 16
+    assert (pk.segments_RxW > 0).sum() == sum(lens)
+    tokens, positions = pk.tokens_RxW.reshape(-1), pk.positions_RxW.reshape(-1)
+    for i, r in enumerate(rests):
+        slots = pk.src_BxP[i, 32 - len(r) :]
+        assert tokens[slots].tolist() == r and positions[slots].tolist() == list(range(len(r)))
+        assert set(pk.segments_RxW.reshape(-1)[slots]) == {i + 1} and tokens[pk.last_B[i]] == r[-1]
+    assert pk.lens_B.tolist() == lens
+    # a batch padded past its prompts: the extra rows copy prompt 0
+    pk = sampling.pack_prompts(rests[:3], 4)
+    assert pk.tokens_RxW.shape == (2, 32) and pk.lens_B.tolist() == [29, 5, 6, 29]  # [29], [6, 5]
+    assert (pk.src_BxP[3] == pk.src_BxP[0]).all() and pk.last_B[3] == pk.last_B[0]
+
+
 def test_similar_calls_do_not_recompile(params):
     p = prepare_params(params)
     s = SamplingConfig(max_new_tokens=9, temperature=0.7, num_samples=2)
     generate(p, CFG, ThreeCharTokenizer(), [[1] * 5, [2] * 9], s, jax.random.key(0))
     before = dict(TRACE_COUNTS)
-    # Same buckets: batch 2, prompts <= 16 tokens, 6..9 new tokens (decode chunks of 8).
-    for prompts, n in [([[3] * 12, [4] * 2], 7), ([[5] * 16, [1]], 9), ([[6] * 3, [7] * 4], 8)]:
+    # Same buckets: batch 2, prompts packed into one row of 16 tokens, 6..9 new tokens (decode chunks of 8).
+    for prompts, n in [([[3] * 12, [4] * 2], 7), ([[5] * 15, [1]], 9), ([[6] * 3, [7] * 4], 8)]:
         generate(p, CFG, ThreeCharTokenizer(), prompts, SamplingConfig(max_new_tokens=n, temperature=0.7, num_samples=2),
                  jax.random.key(1))
     assert dict(TRACE_COUNTS) == before
@@ -304,7 +318,7 @@ def test_similar_calls_do_not_recompile(params):
     generate(p, CFG, ThreeCharTokenizer(), [[9] * 20 + [1] * 5, [9] * 20 + [2] * 9], s, jax.random.key(0),
              shared_prefix=[9] * 20)
     before = dict(TRACE_COUNTS)
-    for prefix, rests, n in [([9] * 20, [[3] * 12, [4]], 7), ([8] * 32, [[5] * 16, [1]], 9),
+    for prefix, rests, n in [([9] * 20, [[3] * 12, [4]], 7), ([8] * 32, [[5] * 15, [1]], 9),
                              ([7] * 17, [[6] * 3, [2] * 2], 8)]:
         generate(p, CFG, ThreeCharTokenizer(), [prefix + r for r in rests],
                  SamplingConfig(max_new_tokens=n, temperature=0.7, num_samples=2), jax.random.key(1),
