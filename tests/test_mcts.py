@@ -165,17 +165,26 @@ def test_a_killed_batch_resumes_from_its_state_file_with_the_same_trees(sandbox,
         return env, run(env, problems, keys, cfg, checkpoint=checkpoint)
 
     whole_env, whole = go(ScriptedProposer(shuffle=True))
+    total = len(whole_env.propose.calls)
     path = tmp_path / "batch_state.npz"
-    with pytest.raises(Killed):
-        go(DiesAfter(4), BatchCheckpoint(path, fingerprint))
-    saved = BatchCheckpoint(path, fingerprint).load(Stats())
-    assert 0 < saved.done < (cfg.rollouts if driver == "mcts" else cfg.iterations)
-    rest = DiesAfter(1000)
-    env, resumed = go(rest, BatchCheckpoint(path, fingerprint))
-    assert len(whole_env.propose.calls) > len(rest.calls) > 0  # it went on, it did not start over
-    for a, b in zip(whole, resumed):
-        assert_same_result(a, b)
-    assert env.stats.tokens == whole_env.stats.tokens and env.stats.policy_calls == whole_env.stats.policy_calls
+    levels = []
+    for kill in (4, 5):
+        path.unlink(missing_ok=True)
+        with pytest.raises(Killed):
+            go(DiesAfter(kill), BatchCheckpoint(path, fingerprint))
+        saved = BatchCheckpoint(path, fingerprint).load(Stats())
+        levels.append(saved.level)
+        rest = DiesAfter(1000)
+        env, resumed = go(rest, BatchCheckpoint(path, fingerprint))
+        if driver == "mcts":  # saved after every policy call: nothing is redone
+            assert len(rest.calls) == total - kill
+        else:  # saved after every iteration
+            assert 0 < saved.done < cfg.iterations and total > len(rest.calls) > 0
+        for a, b in zip(whole, resumed):
+            assert_same_result(a, b)
+        assert env.stats.tokens == whole_env.stats.tokens and env.stats.policy_calls == whole_env.stats.policy_calls
+    if driver == "mcts":
+        assert any(levels)  # at least one kill cut a rollout short
     # a state file of another batch is not used
     other = DiesAfter(1000)
     go(other, BatchCheckpoint(path, fingerprint | {"ids": ["x"]}))

@@ -1,9 +1,11 @@
-"""Resuming a batch mid-search: the loop state of MCTS / ReST-MCTS*, saved after every rollout or iteration.
+"""Resuming a batch mid-search: the loop state of MCTS (saved after every policy call) and ReST-MCTS* (after every
+iteration).
 
 At the default budget one batch of MCTS is ~200 policy calls (about two hours on a 2-core CPU), so losing the batch in
 flight on a crash or a preempted host loses real work. The state file holds everything a search loop carries
-from one outer iteration to the next: the device tree's arrays, the host node records, loop flags (ReST-MCTS*'s
-end gate), the batch's `Stats` and wall time, and how many iterations are done. Every request's key is derived
+from one step to the next: the device tree's arrays, the host node records, loop arrays (ReST-MCTS*'s end gate;
+an MCTS rollout's current leaves), the batch's `Stats` and wall time, and how many iterations (and levels of the
+iteration in flight) are done. Every request's key is derived
 from (problem key, iteration, level), so a search continued from the file builds the same trees as one that
 never stopped. The file is one `.npz` (arrays plus a JSON header) written to a temporary name and renamed, so it
 is always whole; a file whose fingerprint (problem ids, search config) differs from the batch's is ignored.
@@ -33,6 +35,7 @@ class LoopState:
     tree: Tree
     nodes: list[list[dict[str, Any]]]  # per problem, the host node records
     flags: dict[str, np.ndarray]  # per-problem loop arrays (ReST-MCTS*: `done` by the end gate)
+    level: int = 0  # levels of iteration `done` already expanded (MCTS: a rollout cut short)
 
 
 class BatchCheckpoint:
@@ -63,10 +66,11 @@ class BatchCheckpoint:
         stats.programs.update(s["programs"])
         stats.policy_calls = s["policy_calls"]
         self.wall_before, self.t0 = header["wall_s"], time.perf_counter()
-        return LoopState(header["done"], tree, header["nodes"], flags)
+        return LoopState(header["done"], tree, header["nodes"], flags, header.get("level", 0))
 
     def save(self, state: LoopState, stats: Stats) -> None:
-        header = {"version": VERSION, "fingerprint": self.fingerprint, "done": state.done, "nodes": state.nodes,
+        header = {"version": VERSION, "fingerprint": self.fingerprint, "done": state.done, "level": state.level,
+                  "nodes": state.nodes,
                   "flags": sorted(state.flags), "wall_s": self.elapsed(),
                   "stats": {"seconds": stats.seconds, "tokens": stats.tokens, "programs": stats.programs,
                             "policy_calls": stats.policy_calls}}

@@ -8,15 +8,14 @@
                         after every batch from all of results.jsonl
     DIR/batch_state.npz the MCTS / ReST-MCTS* batch in flight, removed when its results are written
 
-Problems are searched `batch` at a time. A rerun with the same DIR skips every id already in results.jsonl.
-MCTS and ReST-MCTS* also save the batch in flight after every rollout (`DIR/batch_state.npz`,
-`batch_state.BatchCheckpoint`), and a rerun continues it from there with the same trees as an unbroken run;
-a killed baseline loses its batch in flight (at most `max_depth` policy calls). Problem b's sampling key is
-fold_in(seed, crc32(id)), so a problem's key does not depend on its batch. The sandbox pool is started before JAX
-initialises a backend.
-The few-shot prompt uses reference solutions of synthetic problems drawn with a different seed than any
-evaluated synthetic set (`FEW_SHOT_SEED`, or the next seed if the evaluated set uses it).
-"""
+Problems are searched `batch` at a time. A rerun with the same DIR skips every id already in results.jsonl. MCTS
+(after every policy call) and ReST-MCTS* (after every iteration) also save the batch in flight
+(`DIR/batch_state.npz`, `batch_state.BatchCheckpoint`), and a rerun continues it from there with the same trees as
+an unbroken run; a killed baseline loses its batch in flight (at most `max_depth` policy calls). Problem b's
+sampling key is fold_in(seed, crc32(id)), so a problem's key does not depend on its batch. The sandbox pool is
+started before JAX initialises a backend. The few-shot prompt uses reference solutions of synthetic problems drawn
+with a different seed than any evaluated synthetic set (`FEW_SHOT_SEED`, or the next seed if the evaluated set uses
+it)."""
 
 from __future__ import annotations
 

@@ -168,7 +168,8 @@ def tree_result(saved: tree_io.SavedTree, grader: Grader, top_n: int, weight_of)
 def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], cfg: MCTSConfig,
            meta: dict[str, Any] | None = None, checkpoint: BatchCheckpoint | None = None) -> list[ProblemResult]:
     """MCTS for a batch of problems; problem b draws its candidates with keys derived from `keys[b]`.
-    With `checkpoint`, the search continues from its saved rollouts and saves after each rollout."""
+    With `checkpoint`, the search continues from its saved state and saves after every policy call (a call at the
+    default budget is ~1 min on a 2-core CPU; a rollout is up to 16 of them)."""
     B, K, T = len(problems), cfg.candidates, env.step_len
     tcfg = TreeConfig(c=cfg.c, unvisited_score=cfg.unvisited_score, max_depth=env.max_depth)
     gold = cfg.mode != "inference"
@@ -193,9 +194,10 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
 
     for r in range(state.done, cfg.rollouts):
         env.stats.rollout = r + 1
-        start_B = jnp.zeros((B,), jnp.int32)
-        active = np.ones(B, bool)
-        for level in range(env.max_depth):
+        cut = r == state.done and state.level > 0  # the rollout a crash cut short goes on from its last leaves
+        start_B = jnp.asarray(state.flags["start_B"]) if cut else jnp.zeros((B,), jnp.int32)
+        active = np.array(state.flags["active"]) if cut else np.ones(B, bool)
+        for level in range(state.level if cut else 0, env.max_depth):
             with env.stats.timed("tree"):
                 tree, leaf_B, expandable_B = select(tree, tcfg, start_B)
                 active &= np.asarray(expandable_B)
@@ -215,6 +217,9 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
                 child = np.asarray(child_BxK)
             record_children(nodes, rows, child)
             start_B = leaf_B
+            if checkpoint:
+                checkpoint.save(LoopState(r, tree, nodes, {"start_B": np.asarray(start_B), "active": active},
+                                          level + 1), env.stats)
         if checkpoint:
             checkpoint.save(LoopState(r + 1, tree, nodes, {}), env.stats)
 
