@@ -1,14 +1,14 @@
 """Resuming a batch mid-search: the loop state of MCTS (saved after every policy call) and ReST-MCTS* (after every
 iteration).
 
-At the default budget one batch of MCTS is ~200 policy calls (about two hours on a 2-core CPU), so losing the batch in
-flight on a crash or a preempted host loses real work. The state file holds everything a search loop carries
-from one step to the next: the device tree's arrays, the host node records, loop arrays (ReST-MCTS*'s end gate;
-an MCTS rollout's current leaves), the batch's `Stats` and wall time, and how many iterations (and levels of the
-iteration in flight) are done. Every request's key is derived
-from (problem key, iteration, level), so a search continued from the file builds the same trees as one that
-never stopped. The file is one `.npz` (arrays plus a JSON header) written to a temporary name and renamed, so it
-is always whole; a file whose fingerprint (problem ids, search config) differs from the batch's is ignored.
+At the default budget one batch of MCTS is ~200 policy calls (about two hours on a 2-core CPU), so losing the batch
+in flight on a crash or a preempted host loses real work. The state file holds everything a search loop carries
+from one step to the next: the device tree's arrays, the host node records, loop arrays (ReST-MCTS*'s end gate; an
+MCTS rollout's current leaves), the batch's `Stats` and wall time, and how many iterations (and levels of the
+iteration in flight) are done. Every request's key is derived from (problem key, iteration, level), so a search
+continued from the file builds the same trees as one that never stopped. The file is one `.npz` (arrays plus a JSON
+header) written to a temporary name and renamed, so it is always whole; a file whose fingerprint (problem ids,
+search config) differs from the batch's is ignored.
 """
 
 from __future__ import annotations
@@ -70,8 +70,7 @@ class BatchCheckpoint:
 
     def save(self, state: LoopState, stats: Stats) -> None:
         header = {"version": VERSION, "fingerprint": self.fingerprint, "done": state.done, "level": state.level,
-                  "nodes": state.nodes,
-                  "flags": sorted(state.flags), "wall_s": self.elapsed(),
+                  "nodes": state.nodes, "flags": sorted(state.flags), "wall_s": self.elapsed(),
                   "stats": {"seconds": stats.seconds, "tokens": stats.tokens, "programs": stats.programs,
                             "policy_calls": stats.policy_calls}}
         arrays = {f"tree.{f.name}": np.asarray(getattr(state.tree, f.name)) for f in dataclasses.fields(Tree)}
