@@ -1,11 +1,12 @@
 """Batched generation: prefill each prompt once, decode K samples per prompt from the shared prefix cache.
 
-The cache has three parts. The shared part [L, P0, G, E] holds the keys/values of a prefix that every prompt of the
-call starts with (a few-shot block): computed once per (params, cfg, tokens) and kept in a small LRU, so search
-never re-prefills its ~1k-token few-shot prompt. The prefix part [L, B, P, G, E] holds each prompt's remaining
-tokens once (left-padded, so every row's prompt ends at slot P-1; the prefill itself runs them packed several to a
-row, `pack_prompts`); the suffix part [L, B, K, S, G, E] holds each sample's own tokens. A decode step attends over
-all three with one softmax, so K samples never copy or recompute their prompt. Decoding runs in jitted chunks of
+The cache has three parts, each a tuple of L per-layer arrays in the layouts the attention dots read (keys
+[..., E, slots], values [..., slots, E]). The shared part [G, E, P0] holds the keys/values of a prefix that every
+prompt of the call starts with (a few-shot block): computed once per (params, cfg, tokens) and kept in a small LRU,
+so search never re-prefills its ~1k-token few-shot prompt. The prefix part [B, G, E, P] holds each prompt's
+remaining tokens once (left-padded, so every row's prompt ends at slot P-1; the prefill itself runs them packed
+several to a row, `pack_prompts`); the suffix part [B*K, G, E, S] holds each sample's own tokens, S growing with
+them. A decode step attends over all three with one softmax, so K samples never copy or recompute their prompt. Decoding runs in jitted chunks of
 `chunk` tokens; between chunks the host checks stop strings (which need detokenised text) and quits once every
 sample has finished. When at most half the rows are still running, the state is gathered down to those rows (one
 sample per row, rows a power of two): a search's call decodes until its longest step ends, and most samples end
@@ -73,17 +74,22 @@ class SharedPrefix(NamedTuple):
     """Keys/values of the prefix every prompt of a call starts with. Kept apart from `DecodeState`, which decoding
     donates: these buffers live on in the cache. P0 = 0 when there is none."""
 
-    k: jax.Array  # [L, P0, G, E]
-    v: jax.Array  # [L, P0, G, E]
+    k: tuple[jax.Array, ...]  # L x [G, E, P0], in the layouts of `DecodeState`'s caches
+    v: tuple[jax.Array, ...]  # L x [G, P0, E]
     valid_P0: jax.Array  # bool: real tokens (the rest pads P0 to its bucket)
 
 
 class DecodeState(NamedTuple):
-    prefix_k: jax.Array  # [L, B, P, G, E] each prompt's tokens after the shared prefix
-    prefix_v: jax.Array  # [L, B, P, G, E]
+    # One array per layer, keys as [..., E, slots] and values as [..., slots, E]: what XLA:CPU's attention dots read
+    # in place. Stacked [L, B, P, G, E] caches were copied out (sliced and transposed) at every layer of every step:
+    # 29% of a deep search call's decode step.
+    prefix_k: tuple[jax.Array, ...]  # L x [B, G, E, P]: each prompt's tokens after the shared prefix
+    prefix_v: tuple[jax.Array, ...]  # L x [B, G, P, E]
     prefix_valid_BxP: jax.Array  # bool
-    suffix_k: jax.Array  # [L, B, K, S, G, E], stored as bits (`as_bits`)
-    suffix_v: jax.Array  # [L, B, K, S, G, E], stored as bits
+    # The samples' own tokens by flat row b*K + k: with a size-1 K axis (one sample, or rows gathered) XLA copied the
+    # loop-carried buffer three times per layer per step instead of writing the new slot in place.
+    suffix_k: tuple[jax.Array, ...]  # L x [B*K, G, E, S] (`as_bits`); S grows by chunks (`grow_suffix`)
+    suffix_v: tuple[jax.Array, ...]  # L x [B*K, G, S, E]
     lens_B: jax.Array  # whole prompt lengths (shared prefix included)
     token_BxK: jax.Array  # last sampled token, not yet fed to the model
     t: jax.Array  # new tokens sampled so far (scalar)
@@ -224,19 +230,21 @@ def compute_dtype(params: Params) -> Any:
 
 
 def as_bits(x: jax.Array) -> jax.Array:
-    """x's bits as unsigned ints of its width: the suffix cache is kept so because XLA:CPU runs a bfloat16
-    dynamic-update-slice by converting the whole buffer (4 s per decode step at a search call's shapes, against
-    0.2 s in fp32); on integers it writes in place. `from_bits` reads them back."""
-    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    """The suffix cache's storage of x: half-width floats as unsigned ints of their width, because XLA:CPU runs a
+    bfloat16 dynamic-update-slice by converting the whole buffer (4 s per decode step at a search call's shapes,
+    against 0.2 s in fp32); on integers it writes in place. fp32 stays fp32: it is written in place, and reading an
+    fp32 cache through a bitcast made XLA copy it at every layer of every step. `from_bits` reads it back."""
+    return x if x.dtype.itemsize == 4 else jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
 
 
 def from_bits(x: jax.Array, dtype: Any) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, dtype)
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
 def empty_shared_prefix(params: Params, cfg: ModelConfig) -> SharedPrefix:
-    kv = jnp.zeros((cfg.num_hidden_layers, 0, cfg.num_key_value_heads, cfg.head_dim), compute_dtype(params))
-    return SharedPrefix(kv, kv, jnp.zeros((0,), bool))
+    k = jnp.zeros((cfg.num_key_value_heads, cfg.head_dim, 0), compute_dtype(params))
+    return SharedPrefix((k,) * cfg.num_hidden_layers, (jnp.swapaxes(k, 1, 2),) * cfg.num_hidden_layers,
+                        jnp.zeros((0,), bool))
 
 
 @quick_jit(static_argnames=("cfg",))
@@ -247,7 +255,9 @@ def shared_prefill(params, tokens_1xP, length, *, cfg) -> SharedPrefix:
     valid_P = jnp.arange(P) < length
     _, (k, v) = forward(params, cfg, tokens_1xP, jnp.arange(P)[None], valid_P[None].astype(jnp.int32), return_kv=True,
                         compute_dtype=compute_dtype(params))
-    return SharedPrefix(k[:, 0], v[:, 0], valid_P)
+    L = k.shape[0]
+    return SharedPrefix(tuple(jnp.moveaxis(k[i, 0], 0, -1) for i in range(L)),
+                        tuple(jnp.moveaxis(v[i, 0], 0, 1) for i in range(L)), valid_P)
 
 
 SHARED_CACHE_SIZE = 4  # a few (model, few-shot) pairs; one SmolLM2 entry of 1k tokens is ~47 MB
@@ -324,7 +334,7 @@ def prefill(params, packed: PackedPrompts, keys_B, shared: SharedPrefix, tempera
     offset = jnp.sum(shared.valid_P0, dtype=jnp.int32)
     hidden_RxWxD, (k, v) = forward(params, cfg, packed.tokens_RxW, packed.positions_RxW + offset, packed.segments_RxW,
                                    return_kv=True, compute_dtype=compute_dtype(params),
-                                   shared_kv=shared if shared.k.shape[1] else None)
+                                   shared_kv=shared if shared.valid_P0.shape[0] else None)
     L, R, W, G, E = k.shape
     B, P = packed.src_BxP.shape
     k, v = (x.reshape(L, R * W, G, E)[:, packed.src_BxP] for x in (k, v))  # [L, B, P, G, E], left-padded
@@ -333,55 +343,67 @@ def prefill(params, packed: PackedPrompts, keys_B, shared: SharedPrefix, tempera
     keys_BxK = sample_keys(keys_B, num_samples)
     logits_BKxV = jnp.repeat(logits_BxV, num_samples, axis=0)
     first = sample_tokens(logits_BKxV, step_keys(keys_BxK, 0), temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-    suffix = as_bits(jnp.zeros((L, B, num_samples, suffix_len, G, E), k.dtype))
-    return DecodeState(k, v, valid_BxP, suffix, suffix, packed.lens_B + offset, first.reshape(B, num_samples),
+    suffix_k = tuple(as_bits(jnp.zeros((B * num_samples, G, E, suffix_len), k.dtype)) for _ in range(L))
+    suffix_v = tuple(as_bits(jnp.zeros((B * num_samples, G, suffix_len, E), v.dtype)) for _ in range(L))
+    return DecodeState(tuple(jnp.moveaxis(k[i], 1, -1) for i in range(L)), tuple(jnp.moveaxis(v[i], 1, 2) for i in range(L)),
+                       valid_BxP, suffix_k, suffix_v, packed.lens_B + offset, first.reshape(B, num_samples),
                        jnp.int32(1), keys_BxK)
 
 
-def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState, shared: SharedPrefix, window: int):
-    """Feed each sample's last token and write its K/V at suffix slot t-1 (< `window`); returns (logits [B, K, V],
-    state)."""
+@quick_jit(static_argnames=("slots",))
+def grow_suffix(st: DecodeState, *, slots: int) -> DecodeState:
+    """The state with `slots` suffix slots, the new ones zero. A decode step reads every slot of the suffix, so it
+    is only as long as the tokens so far need (`suffix_window`) and grows between chunks: slicing a window out of
+    a longer buffer made XLA copy the window at every layer of every step. (Apart from `decode_chunk`, so that
+    growing adds only this small program per shape.)"""
+    S = st.suffix_k[0].shape[-1]
+    grow = lambda xs, axis: tuple(  # noqa: E731
+        jnp.concatenate([x, jnp.zeros(x.shape[:axis] + (slots - S,) + x.shape[axis:][1:], x.dtype)], axis) for x in xs)
+    return st._replace(suffix_k=grow(st.suffix_k, 3), suffix_v=grow(st.suffix_v, 2))
+
+
+def decode_logits(params: Params, cfg: ModelConfig, st: DecodeState, shared: SharedPrefix):
+    """Feed each sample's last token and write its K/V at suffix slot t-1; returns (logits [B, K, V], state)."""
     B, K = st.token_BxK.shape
+    G, E = cfg.num_key_value_heads, cfg.head_dim
     slot = st.t - 1
     positions_BxK = jnp.broadcast_to(st.lens_B[:, None] + slot, (B, K))
-    svalid_W = jnp.arange(window) <= slot
+    svalid_S = jnp.arange(st.suffix_k[0].shape[-1]) <= slot
     h = params["model"]["embed_tokens"]["weight"][st.token_BxK]
-    suffix_k, suffix_v = st.suffix_k, st.suffix_v
+    suffix_k, suffix_v = list(st.suffix_k), list(st.suffix_v)
     for i, layer in enumerate(params["model"]["layers"]):
         q, k, v = qkv(layer, cfg, h, positions_BxK)  # the K samples play the role of T
-        suffix_k = jax.lax.dynamic_update_slice(suffix_k, as_bits(k)[None, :, :, None], (i, 0, 0, slot, 0, 0))
-        suffix_v = jax.lax.dynamic_update_slice(suffix_v, as_bits(v)[None, :, :, None], (i, 0, 0, slot, 0, 0))
+        suffix_k[i] = jax.lax.dynamic_update_slice(suffix_k[i], as_bits(k).reshape(B * K, G, E, 1), (0, 0, 0, slot))
+        suffix_v[i] = jax.lax.dynamic_update_slice(suffix_v[i], as_bits(v).reshape(B * K, G, 1, E), (0, 0, slot, 0))
         a = attend_parts(q, [  # the K samples play the role of T: the suffix part is per query
-            ("pge", shared.k[i], shared.v[i], shared.valid_P0),
-            ("bpge", st.prefix_k[i], st.prefix_v[i], st.prefix_valid_BxP[:, None, None, None, :]),
-            ("btpge", from_bits(suffix_k[i, :, :, :window], k.dtype), from_bits(suffix_v[i, :, :, :window], v.dtype),
-             svalid_W),
+            ("gep,gpe", shared.k[i], shared.v[i], shared.valid_P0),
+            ("bgep,bgpe", st.prefix_k[i], st.prefix_v[i], st.prefix_valid_BxP[:, None, None, None, :]),
+            ("rgep,rgpe", from_bits(suffix_k[i], k.dtype), from_bits(suffix_v[i], v.dtype), svalid_S),
         ])
         h = attn_out_and_mlp(layer, cfg, h, a)
     logits = lm_head(params, cfg, rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps))
-    return logits, st._replace(suffix_k=suffix_k, suffix_v=suffix_v)
+    return logits, st._replace(suffix_k=tuple(suffix_k), suffix_v=tuple(suffix_v))
 
 
 def decode_step(params: Params, cfg: ModelConfig, st: DecodeState, shared: SharedPrefix, temperature, top_p, *,
-                window, greedy, top_k, use_top_p):
+                greedy, top_k, use_top_p):
     """One new token per sample: logits for the last token, then sample token t."""
-    logits_BxKxV, st = decode_logits(params, cfg, st, shared, window)
+    logits_BxKxV, st = decode_logits(params, cfg, st, shared)
     B, K, V = logits_BxKxV.shape
     keys = step_keys(st.keys_BxK, st.t)
     nxt = sample_tokens(logits_BxKxV.reshape(B * K, V), keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     return st._replace(token_BxK=nxt.reshape(B, K), t=st.t + 1)
 
 
-@quick_jit(static_argnames=("cfg", "steps", "window", "greedy", "top_k", "use_top_p"), donate_argnums=(1,))
-def decode_chunk(params, st: DecodeState, shared: SharedPrefix, temperature, top_p, *, cfg, steps, window, greedy,
-                 top_k, use_top_p):
-    """`steps` decode steps in one compiled loop, attending to the first `window` suffix slots (they must hold every
-    slot the chunk writes); returns the new state and the tokens sampled [B, K, steps]."""
+@quick_jit(static_argnames=("cfg", "steps", "greedy", "top_k", "use_top_p"), donate_argnums=(1,))
+def decode_chunk(params, st: DecodeState, shared: SharedPrefix, temperature, top_p, *, cfg, steps, greedy, top_k,
+                 use_top_p):
+    """`steps` decode steps in one compiled loop (the suffix must hold every slot they write); returns the new
+    state and the tokens sampled [B, K, steps]."""
     TRACE_COUNTS["decode"] += 1
 
     def body(st, _):
-        st = decode_step(params, cfg, st, shared, temperature, top_p, window=window, greedy=greedy, top_k=top_k,
-                         use_top_p=use_top_p)
+        st = decode_step(params, cfg, st, shared, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
         return st, st.token_BxK
 
     st, toks_SxBxK = jax.lax.scan(body, st, None, length=steps)
@@ -393,9 +415,11 @@ def gather_rows(st: DecodeState, b_R: jax.Array, k_R: jax.Array) -> DecodeState:
     """The state of samples (b_R[r], k_R[r]) only, as R prompts of one sample each (every row carries its own copy
     of its prompt's keys/values; keys and positions are per row, so what each sample draws does not change)."""
     TRACE_COUNTS["gather_rows"] += 1
-    return DecodeState(st.prefix_k[:, b_R], st.prefix_v[:, b_R], st.prefix_valid_BxP[b_R],
-                       st.suffix_k[:, b_R, k_R][:, :, None], st.suffix_v[:, b_R, k_R][:, :, None], st.lens_B[b_R],
-                       st.token_BxK[b_R, k_R][:, None], st.t, st.keys_BxK[b_R, k_R][:, None])
+    rows = lambda xs: tuple(x[b_R] for x in xs)  # noqa: E731
+    samples = lambda xs: tuple(x[b_R * st.token_BxK.shape[1] + k_R] for x in xs)  # noqa: E731
+    return DecodeState(rows(st.prefix_k), rows(st.prefix_v), st.prefix_valid_BxP[b_R], samples(st.suffix_k),
+                       samples(st.suffix_v), st.lens_B[b_R], st.token_BxK[b_R, k_R][:, None], st.t,
+                       st.keys_BxK[b_R, k_R][:, None])
 
 
 def _finish(tokenizer, ids: list[int], eos: set[int], stops: Sequence[str], checked: int):
@@ -447,9 +471,10 @@ def generate(
     flags = dict(greedy=settings.temperature == 0, top_k=settings.top_k, use_top_p=settings.top_p < 1.0)
     temp, top_p = jnp.float32(max(settings.temperature, 1e-6)), jnp.float32(settings.top_p)
     keys_B = keys_n[np.minimum(np.arange(B), n - 1)]  # padding rows reuse a key; their samples are dropped
+    suffix_len = bucket(-(-max(steps_total, 1) // chunk) * chunk)
     st = prefill(
         params, jax.tree.map(jnp.asarray, pack_prompts(rests, B)), keys_B, shared, temp, top_p,
-        cfg=cfg, num_samples=K, suffix_len=bucket(-(-max(steps_total, 1) // chunk) * chunk), **flags,
+        cfg=cfg, num_samples=K, suffix_len=suffix_window(1 + chunk, suffix_len), **flags,
     )
     generated = np.zeros((n, K, settings.max_new_tokens), np.int32)
     generated[:, :, 0] = np.asarray(st.token_BxK)[:n]
@@ -478,8 +503,10 @@ def generate(
             K_now = st.token_BxK.shape[1]
             st = gather_rows(st, jnp.asarray(pick // K_now), jnp.asarray(pick % K_now))
             row_Rx2 = np.concatenate([row_Rx2[live], np.full((rows - len(live), 2), -1)])
-        window = suffix_window(filled + chunk, st.suffix_k.shape[3])
-        st, toks = decode_chunk(params, st, shared, temp, top_p, cfg=cfg, steps=chunk, window=window, **flags)
+        window = suffix_window(filled + chunk, suffix_len)
+        if window > st.suffix_k[0].shape[-1]:
+            st = grow_suffix(st, slots=window)
+        st, toks = decode_chunk(params, st, shared, temp, top_p, cfg=cfg, steps=chunk, **flags)
         take = min(chunk, settings.max_new_tokens - filled)
         real = row_Rx2[:, 0] >= 0
         toks_RxC = np.asarray(toks).reshape(len(row_Rx2), chunk)

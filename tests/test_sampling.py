@@ -45,20 +45,20 @@ def params():
 
 
 def forced_decode_logits(p, prompts, forced, shared_prefix=(), window=8):
-    """Logits [n, T, V] after each forced token, decoding from the KV cache (after `shared_prefix`, if given) and
-    attending to the first `window` of its 8 suffix slots."""
+    """Logits [n, T, V] after each forced token, decoding from the KV cache (after `shared_prefix`, if given) with
+    `window` suffix slots."""
     shared = shared_prefix_kv(p, CFG, tuple(shared_prefix))
     rests = [q[len(shared_prefix) :] for q in prompts]
     packed = jax.tree.map(jnp.asarray, sampling.pack_prompts(rests, len(rests)))
     st = prefill(
         p, packed, prompt_keys(jax.random.key(0), len(rests)), shared, jnp.float32(1.0), jnp.float32(1.0), cfg=CFG,
-        num_samples=1, suffix_len=8, greedy=True, top_k=0, use_top_p=False,
+        num_samples=1, suffix_len=window, greedy=True, top_k=0, use_top_p=False,
     )
     got = []
-    step = jax.jit(decode_logits, static_argnums=(1, 4))
+    step = jax.jit(decode_logits, static_argnums=(1,))
     for t in range(forced.shape[1]):
         st = st._replace(token_BxK=jnp.asarray(forced[:, t : t + 1], jnp.int32), t=jnp.int32(t + 1))
-        logits, st = step(p, CFG, st, shared, window)
+        logits, st = step(p, CFG, st, shared)
         got.append(np.asarray(logits[:, 0]))
     return np.stack(got, axis=1)
 
@@ -76,7 +76,7 @@ def test_kv_cache_decoding_matches_full_forward_at_every_position(params):
     # the same prompts with nothing shared: every token in the per-prompt part
     unshared = forced_decode_logits(p, prompts, forced)
     np.testing.assert_allclose(shared, unshared, rtol=1e-5, atol=1e-5)
-    # attending to the 5 written suffix slots only gives the same logits as to all 8 (up to rounding)
+    # a suffix of just the 5 written slots gives the same logits as one of 8 (up to rounding)
     windowed = forced_decode_logits(p, prompts, forced, few_shot, window=5)
     np.testing.assert_allclose(windowed, shared, rtol=1e-5, atol=1e-5)
 
@@ -163,8 +163,8 @@ def test_finished_samples_leave_the_decode_batch_and_the_rest_draw_the_same(para
 
 
 def test_chunks_attend_to_a_window_of_the_suffix_and_draw_the_same(params, monkeypatch):
-    """A long generation's early chunks attend to the first 64 or 128 suffix slots only; the samples are the same
-    as with every chunk attending to all 256."""
+    """A long generation's suffix starts at 64 slots and grows to 128 and 256 as chunks need them (the prefill sizes
+    it for the first chunk); the samples are the same as with all 256 slots from the start."""
     p, tok = prepare_params(params), ThreeCharTokenizer()
     settings = SamplingConfig(150, temperature=1.0, num_samples=4, ignore_eos=True)
     prompts, keys = [[5, 6, 7], [9]], jax.random.split(jax.random.key(3), 2)
@@ -172,7 +172,7 @@ def test_chunks_attend_to_a_window_of_the_suffix_and_draw_the_same(params, monke
     real_window = sampling.suffix_window
     monkeypatch.setattr(sampling, "suffix_window", lambda t, s: windows.append((real_window(t, s), s)) or real_window(t, s))
     out = generate(p, CFG, tok, prompts, settings, keys)
-    assert [w for w, _ in windows] == [64] * 3 + [128] * 4 + [256] * 3 and {s for _, s in windows} == {256}
+    assert [w for w, _ in windows] == [64] * 4 + [128] * 4 + [256] * 3 and {s for _, s in windows} == {256}
     monkeypatch.setattr(sampling, "suffix_window", lambda t, s: s)
     whole = generate(p, CFG, tok, prompts, settings, keys)
     assert [[c.token_ids for c in row] for row in out] == [[c.token_ids for c in row] for row in whole]

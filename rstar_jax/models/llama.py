@@ -104,10 +104,11 @@ def attend(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array, all
     return out.reshape(B, T, H * E)
 
 
-# Score layout of each kind of key/value part: the dots' batch axes first, then the query axes, so XLA's dot
-# output is already in place. One common [B, T, G, Q, p] layout cost a transpose of every score and probability
-# tensor (in a 12-prompt prefill after a 1k-token shared prefix, 113 MB per layer and most of the call's time).
-PART_LAYOUTS = {"pge": "gbtq", "bpge": "bgtq", "btpge": "btgq"}
+# Score layout of each kind of key/value part, keyed by the row axes its keys carry ("": shared by every row, "b":
+# per row, "bt": per query): the dots' batch axes first, then the query axes, so XLA's dot output is already in
+# place. One common [B, T, G, Q, p] layout cost a transpose of every score and probability tensor (in a 12-prompt
+# prefill after a 1k-token shared prefix, 113 MB per layer and most of the call's time).
+PART_LAYOUTS = {"": "gbtq", "b": "bgtq", "bt": "btgq"}
 
 
 def to_layout(x: jax.Array, src: str, dst: str) -> jax.Array:
@@ -119,27 +120,40 @@ def attend_parts(q_BxTxHxE: jax.Array, parts: Sequence[tuple[str, jax.Array, jax
     """Grouped-query attention over several key/value parts with one softmax across all of them; [B, T, H*E].
 
     A part is (layout, k, v, allowed): `layout` names k's and v's axes with p as the key axis ("pge": one set shared
-    by every row, "bpge": per row, "btpge": per query), so a shared part is broadcast, never copied per row;
-    `allowed` is [p] or [B, T, G, Q, p] (size-1 axes broadcast). Parts without keys are skipped (shapes are
-    static). Each part keeps its scores in its own layout (`PART_LAYOUTS`); only the per-query softmax
-    statistics and outputs, which have no key axis, are moved to a common layout.
+    by every row, "bpge": per row, "btpge" or "rpge": per query, r being the flat query b*T + t), so a shared part
+    is broadcast, never copied per row; as "K,V" it names them apart. A decode cache stores k as "..gep" and v as
+    "..gpe", the operand layouts XLA:CPU's dots take, so no step copies it transposed. `allowed` is [p] or
+    [B, T, G, Q, p] (size-1 axes broadcast). Parts without keys are skipped (shapes are static). Each part keeps its
+    scores in its own layout (`PART_LAYOUTS`); only the per-query softmax statistics and outputs, which have no key
+    axis, are moved to a common layout.
     """
     B, T, H, E = q_BxTxHxE.shape
-    parts = [part for part in parts if part[1].shape[-3] > 0]
-    q_BxTxGxQxE = q_BxTxHxE.reshape(B, T, parts[0][1].shape[-2], -1, E)
+    lays = [(k_lay, v_lay or k_lay) for k_lay, _, v_lay in (part[0].partition(",") for part in parts)]
+    keep = [k.shape[lay.index("p")] > 0 for (lay, _), (_, k, _, _) in zip(lays, parts)]
+    lays, parts = [x for x, o in zip(lays, keep) if o], [x for x, o in zip(parts, keep) if o]
+    G = parts[0][1].shape[lays[0][0].index("g")]
+    q_BxTxGxQxE = q_BxTxHxE.reshape(B, T, G, -1, E)
     scale = 1.0 / np.sqrt(E)
     common = "btgq"
-    lays = [PART_LAYOUTS[layout] for layout, *_ in parts]
+    score_lays = [PART_LAYOUTS["".join(a for a in "bt" if a in k_lay.replace("r", "bt"))] for k_lay, _ in lays]
+
+    def dot(x, x_lay, y, y_lay, out_lay):  # an einsum where a flat-query part's r axis stands for b, t
+        if "r" not in y_lay:
+            return jnp.einsum(f"{x_lay},{y_lay}->{out_lay}", x, y)
+        flat = lambda lay: lay.replace("bt", "r")  # noqa: E731
+        out = jnp.einsum(f"{flat(x_lay)},{y_lay}->{flat(out_lay)}", x.reshape(B * T, *x.shape[2:]), y)
+        return out.reshape(B, T, *out.shape[1:])
+
     scores = []
-    for (layout, k, _, allowed), lay in zip(parts, lays):
-        s = jnp.einsum(f"btgqe,{layout}->{lay}p", q_BxTxGxQxE, k).astype(jnp.float32) * scale
+    for (_, k, _, allowed), (k_lay, _), lay in zip(parts, lays, score_lays):
+        s = dot(q_BxTxGxQxE, "btgqe", k, k_lay, lay + "p").astype(jnp.float32) * scale
         scores.append(jnp.where(to_layout(allowed, common + "p", lay + "p"), s, NEG_INF))
-    m = functools.reduce(jnp.maximum, [to_layout(s.max(-1), lay, common) for s, lay in zip(scores, lays)])
+    m = functools.reduce(jnp.maximum, [to_layout(s.max(-1), lay, common) for s, lay in zip(scores, score_lays)])
     denom, out = 0.0, 0.0
-    for (layout, _, v, _), s, lay in zip(parts, scores, lays):
+    for (_, _, v, _), (_, v_lay), s, lay in zip(parts, lays, scores, score_lays):
         e = jnp.exp(s - to_layout(m, common, lay)[..., None])
         denom = denom + to_layout(e.sum(-1), lay, common)
-        o = jnp.einsum(f"{lay}p,{layout}->{lay}e", e.astype(v.dtype), v)
+        o = dot(e.astype(v.dtype), lay + "p", v, v_lay, lay + "e")
         out = out + to_layout(o, lay + "e", common + "e").astype(jnp.float32)
     return (out / denom[..., None]).astype(q_BxTxHxE.dtype).reshape(B, T, H * E)
 
@@ -185,13 +199,14 @@ def forward(
     remat: bool = False,
     return_kv: bool = False,
     constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] | None = None,
-    shared_kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    shared_kv: tuple[Sequence[jax.Array], Sequence[jax.Array], jax.Array] | None = None,
 ):
     """Final-norm hidden states [B, T, D]; with `return_kv`, also k, v stacked as [L, B, T, G, E].
 
     `constrain(x, logical_axes)` lets the training code pin activation shardings without the model knowing the mesh.
-    `shared_kv` = (k [L, P, G, E], v [L, P, G, E], valid [P]): keys/values of a prefix that every row continues
-    (positions must start after it); every token attends to its valid slots, broadcast over the batch.
+    `shared_kv` = (k: L x [G, E, P], v: L x [G, P, E], valid [P]): per-layer keys/values of a prefix that every row
+    continues, in the decode cache's layouts (`sampling.SharedPrefix`; positions must start after it); every token
+    attends to its valid slots, broadcast over the batch.
     """
     pin = constrain or (lambda x, axes: x)
     allowed_BxTxT = segment_mask(positions_BxT, segment_ids_BxT)
@@ -203,19 +218,19 @@ def forward(
         if shared is None:
             a = attend(q, k, v, allowed_BxTxT)
         else:
-            a = attend_parts(q, [("pge", *shared, shared_kv[2]), ("bpge", k, v, allowed_BxTxT[:, :, None, None])])
+            a = attend_parts(q, [("gep,gpe", *shared, shared_kv[2]), ("bpge", k, v, allowed_BxTxT[:, :, None, None])])
         h = attn_out_and_mlp(layer, cfg, h, a)
         return pin(h, ("batch", "length", "embed")), ((k, v) if return_kv else None)
 
     if remat:
         block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
     layers = params["model"]["layers"]  # stacked dict, or a per-layer list (see sampling.prepare_params)
-    shared_layers = None if shared_kv is None else shared_kv[:2]
     if scan_layers:
-        h, kv = jax.lax.scan(block, h, (layers, shared_layers))
+        stacked = None if shared_kv is None else tuple(jnp.stack(x) for x in shared_kv[:2])
+        h, kv = jax.lax.scan(block, h, (layers, stacked))
     else:
         per_layer = layers if isinstance(layers, list) else unstack_layers(layers)
-        per_shared = [None] * len(per_layer) if shared_layers is None else unstack_layers(shared_layers)
+        per_shared = [None] * len(per_layer) if shared_kv is None else list(zip(*shared_kv[:2]))
         outs = []
         for layer, shared in zip(per_layer, per_shared):
             h, kv_i = block(h, (layer, shared))
