@@ -114,7 +114,10 @@ TIMEOUTS = {
                        "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass",
     "catches_everything": "import time\nwhile True:\n    try:\n        time.sleep(10)\n    except BaseException:\n        pass",
     "long_c_call": "import re\nre.match(r'(a+)+$', 'a' * 64 + 'b')",
-    "threads_keep_running": "import threading\nfor _ in range(4):\n    threading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\nwhile True:\n    pass",
+    # the threads spin without allocating: a growing list could fill the address-space limit before the last thread
+    # starts, and the program then ended with "can't start new thread" instead of running into the time limit
+    "threads_keep_running": "import threading\ndef spin():\n    while True:\n        pass\nfor _ in range(4):\n"
+                            "    threading.Thread(target=spin).start()\nwhile True:\n    pass",
 }
 
 
