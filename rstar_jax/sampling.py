@@ -6,9 +6,9 @@ prompt of the call starts with (a few-shot block): computed once per (params, cf
 so search never re-prefills its ~1k-token few-shot prompt. The prefix part [B, G, E, P] holds each prompt's
 remaining tokens once (left-padded, so every row's prompt ends at slot P-1; the prefill itself runs them packed
 several to a row, `pack_prompts`); the suffix part [B*K, G, E, S] holds each sample's own tokens, S growing with
-them. A decode step attends over all three with one softmax, so K samples never copy or recompute their prompt. Decoding runs in jitted chunks of
-`chunk` tokens; between chunks the host checks stop strings (which need detokenised text) and quits once every
-sample has finished. When at most half the rows are still running, the state is gathered down to those rows (one
+them. A decode step attends over all three with one softmax, so K samples never copy or recompute their prompt.
+Decoding runs in jitted chunks of `chunk` tokens; between chunks the host checks stop strings (which need
+detokenised text) and quits once every sample has finished. When at most half the rows are still running, the state is gathered down to those rows (one
 sample per row, rows a power of two): a search's call decodes until its longest step ends, and most samples end
 long before. Batch, prompt, shared-prefix and new-token sizes are bucketed so similar calls reuse compiled code.
 
@@ -241,10 +241,15 @@ def from_bits(x: jax.Array, dtype: Any) -> jax.Array:
     return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
+def decode_layout(k: jax.Array, v: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Stacked [L, ..., P, G, E] keys/values as the cache's per-layer [..., G, E, P] keys and [..., G, P, E] values."""
+    return (tuple(jnp.moveaxis(k[i], -3, -1) for i in range(k.shape[0])),
+            tuple(jnp.moveaxis(v[i], -3, -2) for i in range(v.shape[0])))
+
+
 def empty_shared_prefix(params: Params, cfg: ModelConfig) -> SharedPrefix:
-    k = jnp.zeros((cfg.num_key_value_heads, cfg.head_dim, 0), compute_dtype(params))
-    return SharedPrefix((k,) * cfg.num_hidden_layers, (jnp.swapaxes(k, 1, 2),) * cfg.num_hidden_layers,
-                        jnp.zeros((0,), bool))
+    kv = jnp.zeros((cfg.num_hidden_layers, 0, cfg.num_key_value_heads, cfg.head_dim), compute_dtype(params))
+    return SharedPrefix(*decode_layout(kv, kv), jnp.zeros((0,), bool))
 
 
 @quick_jit(static_argnames=("cfg",))
@@ -255,9 +260,7 @@ def shared_prefill(params, tokens_1xP, length, *, cfg) -> SharedPrefix:
     valid_P = jnp.arange(P) < length
     _, (k, v) = forward(params, cfg, tokens_1xP, jnp.arange(P)[None], valid_P[None].astype(jnp.int32), return_kv=True,
                         compute_dtype=compute_dtype(params))
-    L = k.shape[0]
-    return SharedPrefix(tuple(jnp.moveaxis(k[i, 0], 0, -1) for i in range(L)),
-                        tuple(jnp.moveaxis(v[i, 0], 0, 1) for i in range(L)), valid_P)
+    return SharedPrefix(*decode_layout(k[:, 0], v[:, 0]), valid_P)
 
 
 SHARED_CACHE_SIZE = 4  # a few (model, few-shot) pairs; one SmolLM2 entry of 1k tokens is ~47 MB
@@ -345,9 +348,8 @@ def prefill(params, packed: PackedPrompts, keys_B, shared: SharedPrefix, tempera
     first = sample_tokens(logits_BKxV, step_keys(keys_BxK, 0), temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     suffix_k = tuple(as_bits(jnp.zeros((B * num_samples, G, E, suffix_len), k.dtype)) for _ in range(L))
     suffix_v = tuple(as_bits(jnp.zeros((B * num_samples, G, suffix_len, E), v.dtype)) for _ in range(L))
-    return DecodeState(tuple(jnp.moveaxis(k[i], 1, -1) for i in range(L)), tuple(jnp.moveaxis(v[i], 1, 2) for i in range(L)),
-                       valid_BxP, suffix_k, suffix_v, packed.lens_B + offset, first.reshape(B, num_samples),
-                       jnp.int32(1), keys_BxK)
+    return DecodeState(*decode_layout(k, v), valid_BxP, suffix_k, suffix_v, packed.lens_B + offset,
+                       first.reshape(B, num_samples), jnp.int32(1), keys_BxK)
 
 
 @quick_jit(static_argnames=("slots",))
