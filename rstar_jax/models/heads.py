@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from rstar_jax.models.config import ModelConfig
-from rstar_jax.models.llama import forward, linear, positions_from_mask
+from rstar_jax.models.llama import linear, padded_forward
 from rstar_jax.models.params import Params
 
 
@@ -25,10 +25,7 @@ def reward_logits(
     **forward_kw: Any,
 ) -> jax.Array:
     """Head outputs [B, T, C] in fp32 at every position."""
-    if attention_mask_BxT is None:
-        attention_mask_BxT = jnp.ones_like(input_ids_BxT)
-    mask = attention_mask_BxT.astype(jnp.int32)
-    h = forward(params, cfg, input_ids_BxT, positions_from_mask(mask), mask, compute_dtype=compute_dtype, **forward_kw)
+    h = padded_forward(params, cfg, input_ids_BxT, attention_mask_BxT, compute_dtype, **forward_kw)
     return linear(h.astype(jnp.float32), params["score"])
 
 

@@ -250,6 +250,21 @@ def positions_from_mask(attention_mask_BxT: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def padded_forward(
+    params: Params,
+    cfg: ModelConfig,
+    input_ids_BxT: jax.Array,
+    attention_mask_BxT: jax.Array | None = None,
+    compute_dtype: Any = jnp.float32,
+    **forward_kw: Any,
+) -> jax.Array:
+    """Final hidden states [B, T, D] of a full forward (no cache) over a padded batch (no mask: all real)."""
+    if attention_mask_BxT is None:
+        attention_mask_BxT = jnp.ones_like(input_ids_BxT)
+    mask = attention_mask_BxT.astype(jnp.int32)
+    return forward(params, cfg, input_ids_BxT, positions_from_mask(mask), mask, compute_dtype=compute_dtype, **forward_kw)
+
+
 def causal_lm_logits(
     params: Params,
     cfg: ModelConfig,
@@ -258,8 +273,4 @@ def causal_lm_logits(
     compute_dtype: Any = jnp.float32,
 ) -> jax.Array:
     """Full forward (no cache) over a padded batch; logits [B, T, V] in fp32."""
-    if attention_mask_BxT is None:
-        attention_mask_BxT = jnp.ones_like(input_ids_BxT)
-    mask = attention_mask_BxT.astype(jnp.int32)
-    h = forward(params, cfg, input_ids_BxT, positions_from_mask(mask), mask, compute_dtype=compute_dtype)
-    return lm_head(params, cfg, h)
+    return lm_head(params, cfg, padded_forward(params, cfg, input_ids_BxT, attention_mask_BxT, compute_dtype))
