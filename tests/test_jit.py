@@ -1,6 +1,9 @@
-"""quick_jit drops its compiled programs before the process runs out of memory mappings."""
+"""quick_jit drops its compiled programs before the process runs out of memory mappings, and hands freed host
+memory back to the OS."""
 
+import ctypes
 import os
+import threading
 
 import jax.numpy as jnp
 import pytest
@@ -34,3 +37,47 @@ def test_compiled_programs_are_dropped_near_the_mapping_limit(monkeypatch):
     assert float(step(jnp.zeros(3))[0]) == 1.0
     assert len(traces) == 22  # the shape was compiled again: every program had been dropped
     assert mappings() < before
+
+
+def rss_mb() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+
+
+@pytest.mark.skipif(jit._malloc_trim() is None, reason="needs glibc")
+def test_freed_host_memory_goes_back_to_the_os():
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    seen: dict = {}
+
+    def worker():  # like XLA's threads: blocks below the mmap threshold, from a thread's own arena
+        blocks = [libc.malloc(64 << 10) for _ in range(3200)]  # 200 MB
+        for b in blocks:
+            libc.memset(b, 1, 64 << 10)
+        seen["held"] = rss_mb()
+        for b in blocks[:-1]:  # the last one stays live above the others, as a later buffer would
+            libc.free(b)
+        seen["freed"], seen["last"] = rss_mb(), blocks[-1]
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    try:
+        assert seen["held"] - seen["freed"] < 50  # glibc kept the freed 200 MB
+        jit.release_free_host_memory()
+        assert rss_mb() < seen["held"] - 150
+    finally:
+        libc.free(seen["last"])
+
+
+def test_quick_jit_calls_release_host_memory_at_its_checks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jit, "release_free_host_memory", lambda: calls.append(1))
+    monkeypatch.setattr(jit, "CHECK_EVERY_S", 0.0)
+    quick_jit(lambda x: x + 1)(jnp.ones(2))
+    assert calls
+    monkeypatch.setattr(jit, "CHECK_EVERY_S", 3600.0)  # the next check is an hour away
+    quick_jit(lambda x: x + 2)(jnp.ones(2))
+    assert len(calls) == 1
