@@ -12,17 +12,24 @@ hundreds of shapes (prompt buckets x running rows x windows) and died after ~2 h
 Cannot allocate memory". So once half the cap is used, `quick_jit` drops every compiled program
 (`jax.clear_caches()`); the ones still needed come back from the on-disk compilation cache (~2-4 s each).
 
-XLA:CPU allocates its buffers with malloc, and glibc keeps freed memory in its arenas instead of returning it.
-Buffer sizes change from call to call (prompt buckets, rows, windows), so the kept memory grows: a default-budget
-search was OOM-killed at 24 GB of RSS after an hour, where a fresh process ran the same call at a 7 GB peak,
-and `malloc_trim(0)` on a running search took it from 6.1 to 3.4 GB. `quick_jit` therefore also hands freed
-memory back (`malloc_trim`, glibc only) at the same checks.
+Compiled programs also hold host memory: ~90 MB per SmolLM2 prefill plus decode chunk, all of it freed by
+`jax.clear_caches()`. Where `vm.max_map_count` is raised (262144), the mapping cap lets ~250 such pairs pile up,
+and a default-budget search was OOM-killed at 24 GB of RSS after an hour, where a fresh process ran the same call
+at a 7 GB peak. So programs are also dropped once the process's memory beyond its live JAX arrays on the host
+passes HOST_FRACTION of the machine's (or cgroup's) memory. What dropping cannot free (data held elsewhere) raises
+that bar, so it does not repeat every check.
+
+XLA:CPU allocates its buffers with malloc, and glibc keeps freed blocks in its arenas. Buffer sizes change from
+call to call (prompt buckets, rows, windows), so `quick_jit` hands freed memory back (`malloc_trim`, glibc only)
+at the same checks: on a running search it took RSS from 6.1 to 3.4 GB.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import gc
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,8 +39,10 @@ import jax
 CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 MAPS_FRACTION = 0.5  # of vm.max_map_count, past which compiled programs are dropped
 # Counting 30k mappings takes ~45 ms, too slow for every call; mappings grow by at most ~2k a minute (a search)
+HOST_FRACTION = 0.25  # of the host's memory that the process may hold beyond its live arrays before programs go
 CHECK_EVERY_S = 10.0
 _last_check = [float("-inf")]
+_kept_after_drop = [0]  # bytes beyond live arrays right after the last drop: what dropping could not free
 
 
 @functools.cache
@@ -55,6 +64,38 @@ def mappings_near_limit() -> bool:
 
 
 @functools.cache
+def host_memory() -> int | None:
+    """Physical memory, or the cgroup's limit where that is lower (None where unknown)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        return min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        return total
+
+
+def memory_beyond_arrays() -> int | None:
+    """Resident bytes of this process that are not live JAX arrays on the host: compiled programs, Python, malloc."""
+    try:
+        with open("/proc/self/statm") as statm:
+            rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+    on_host = (a for a in jax.live_arrays() if not a.is_deleted() and all(d.platform == "cpu" for d in a.devices()))
+    return rss - sum(a.nbytes for a in on_host)
+
+
+def programs_hold_too_much_memory() -> bool:
+    total, beyond = host_memory(), memory_beyond_arrays()
+    if total is None or beyond is None:
+        return False
+    return beyond > max(HOST_FRACTION * total, _kept_after_drop[0] + HOST_FRACTION * total / 2)
+
+
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
@@ -70,14 +111,18 @@ def release_free_host_memory() -> None:
 
 
 def housekeeping() -> None:
-    """At most every CHECK_EVERY_S: hand freed host memory back, and `jax.clear_caches()` once the process nears
-    its mapping cap."""
+    """At most every CHECK_EVERY_S: hand freed host memory back, and drop every compiled program
+    (`jax.clear_caches()`) once the process nears its mapping cap or its programs hold too much memory."""
     now = time.monotonic()
-    if now - _last_check[0] >= CHECK_EVERY_S:
-        _last_check[0] = now
+    if now - _last_check[0] < CHECK_EVERY_S:
+        return
+    _last_check[0] = now
+    release_free_host_memory()
+    if mappings_near_limit() or programs_hold_too_much_memory():
+        jax.clear_caches()
+        gc.collect()
         release_free_host_memory()
-        if mappings_near_limit():
-            jax.clear_caches()
+        _kept_after_drop[0] = memory_beyond_arrays() or 0
 
 
 def quick_jit(fn: Callable | None = None, **jit_kwargs: Any):

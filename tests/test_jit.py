@@ -81,3 +81,39 @@ def test_quick_jit_calls_release_host_memory_at_its_checks(monkeypatch):
     monkeypatch.setattr(jit, "CHECK_EVERY_S", 3600.0)  # the next check is an hour away
     quick_jit(lambda x: x + 2)(jnp.ones(2))
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(jit.host_memory() is None or jit.memory_beyond_arrays() is None, reason="needs Linux /proc")
+def test_live_arrays_do_not_count_as_program_memory():
+    jnp.full(4, 1.0).block_until_ready()  # JAX's own first-use memory is not what this measures
+    before = jit.memory_beyond_arrays()
+    big = jnp.full((256, 2**20 // 4), 2.0)  # 256 MB written on the host
+    big.block_until_ready()
+    assert abs(jit.memory_beyond_arrays() - before) < 64 << 20
+
+
+@pytest.mark.skipif(jit.host_memory() is None or jit.memory_beyond_arrays() is None, reason="needs Linux /proc")
+def test_compiled_programs_are_dropped_when_they_hold_too_much_memory(monkeypatch):
+    traces = []
+
+    @quick_jit
+    def step(x):
+        traces.append(x.shape)
+        return x * 3
+
+    step(jnp.ones(5))
+    monkeypatch.setattr(jit, "CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(jit, "_kept_after_drop", [0])
+    monkeypatch.setattr(jit, "HOST_FRACTION", 1.0)  # far from the machine's memory: programs kept
+    step(jnp.ones(5))
+    assert len(traces) == 1
+    monkeypatch.setattr(jit, "HOST_FRACTION", 0.0)  # as if the programs held too much: all dropped
+    step(jnp.ones(5))
+    assert len(traces) == 2
+    assert 0 < jit._kept_after_drop[0] < rss_mb() << 21
+    # a bar at half of what this process holds anyway: what the drop could not free (plus half the bar) raises
+    # it, so the next checks keep the programs instead of dropping them every time
+    monkeypatch.setattr(jit, "HOST_FRACTION", jit._kept_after_drop[0] / 2 / jit.host_memory())
+    step(jnp.ones(5))
+    step(jnp.ones(5))
+    assert len(traces) == 2
