@@ -48,7 +48,7 @@ def jax_stepper(spec: str, ids: np.ndarray, steps: int, dtype: str) -> Callable[
     """rstar-jax's own train step on a 1-device mesh, compiled and warmed up: each call runs one step and returns
     its loss."""
     from rstar_jax.config import load_config
-    from rstar_jax.train import sharding
+    from rstar_jax import sharding
     from rstar_jax.train.model_source import load_for_training
     from rstar_jax.train.state import abstract_params, compile_step, init_state, make_optimizer, make_train_step, state_shardings
 

@@ -14,7 +14,7 @@ import sys
 
 def _generate(a: argparse.Namespace) -> None:
     from rstar_jax.generation import read_prompts, run_generate
-    from rstar_jax.sampling import SamplingConfig
+    from rstar_jax.engine import SamplingConfig
 
     prompts = [a.prompt] if a.prompt is not None else read_prompts(a.prompts)
     settings = SamplingConfig(
@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not (getattr(args, "takes_overrides", False) and not any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    from rstar_jax.backends import cpu
+
+    cpu.configure_flags()  # before JAX starts a backend
     _compilation_cache()
     try:
         args.fn(args)

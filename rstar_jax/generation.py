@@ -11,7 +11,7 @@ import jax
 from tqdm import tqdm
 
 from rstar_jax.jsonl import InputError, ResumableJsonl, iter_jsonl
-from rstar_jax.sampling import SamplingConfig, generate, prepare_params
+from rstar_jax.engine import SamplingConfig, generate, prepare
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -50,13 +50,13 @@ def run_generate(
     done = len(writer.records) if writer else 0
     if writer and [r.get("prompt") for r in writer.records] != prompts[:done]:
         raise InputError(f"{out}: existing output does not match these prompts; choose another --out")
-    params = prepare_params(lm.params, compute_dtype)
+    model = prepare(lm.params, lm.cfg, compute_dtype)
     ids = encode_prompts(lm.tokenizer, prompts, chat)
     key = jax.random.key(seed)
     starts = range(done - done % batch_size, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 2, file=sys.stderr):
         batch = ids[start : start + batch_size]
-        results = generate(params, lm.cfg, lm.tokenizer, batch, settings, jax.random.fold_in(key, start // batch_size))
+        results = generate(model, lm.tokenizer, batch, settings, jax.random.fold_in(key, start // batch_size))
         for i, comps in enumerate(results, start):
             if i < done:
                 continue

@@ -17,7 +17,17 @@ import numpy as np
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.heads import reported_value, reward_logits, step_probability
 from rstar_jax.models.params import Params
-from rstar_jax.sampling import batch_bucket, bucket
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Next power of two (>= minimum) up to 256, then the next multiple of 256: similar batches share programs."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length() if n <= 256 else -(-n // 256) * 256
+
+
+def batch_bucket(n: int) -> int:
+    """Rows of a scoring call: powers of two up to 4, then multiples of 4 (every padding row costs a full row)."""
+    return bucket(n) if n <= 4 else -(-n // 4) * 4
 
 
 def encode_steps(tokenizer, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:

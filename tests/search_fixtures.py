@@ -15,7 +15,7 @@ import numpy as np
 
 from rstar_jax.data import Problem
 from rstar_jax.math.steps import split_observation
-from rstar_jax.sampling import Completion
+from rstar_jax.engine import Completion
 
 FIRST = ["<code>\nx = {}\n<end_of_step>".format(v) for v in (2, 3, 4, 5)] + ["<code>\nx = 1 / 0\n<end_of_step>"]
 SECOND = ["print(x * 2)\n<end_of_code>", "print(x + 1)\n<end_of_code>"]

@@ -27,7 +27,7 @@ CHILD = textwrap.dedent('''
     from pathlib import Path
 
     from rstar_jax.math.steps import split_solution
-    from rstar_jax.sampling import Completion
+    from rstar_jax.engine import Completion
     from rstar_jax.search import policy
     from rstar_jax.train import checkpoint
 

@@ -11,7 +11,7 @@ from rstar_jax.data import Problem
 from rstar_jax.labels.mc import MCConfig, MCLabelError, Solution, label_solution, mc_labels, run_mc_labels
 from rstar_jax.math.grading import Grader
 from rstar_jax.math.steps import StepRunner, split_observation
-from rstar_jax.sampling import Completion
+from rstar_jax.engine import Completion
 from rstar_jax.sandbox import SandboxPool
 from rstar_jax.search.policy import StepEnv
 

@@ -8,7 +8,7 @@ import pytest
 from rstar_jax.math.steps import StepRunner
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.params import init_params
-from rstar_jax.sampling import prepare_params
+from rstar_jax.engine import prepare
 from rstar_jax.search import mcts, mcts_star
 from rstar_jax.search.batch_state import BatchCheckpoint
 from rstar_jax.search.policy import LMProposer, Request, Stats, StepEnv
@@ -212,8 +212,8 @@ def test_mcts_star_end_gate_rollout_and_answer(sandbox, grader, tiny_tokenizer):
 def test_tiny_random_lm_runs_through_the_tree(sandbox, grader, tiny_tokenizer):
     cfg = ModelConfig(model_type="llama", vocab_size=420, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    params = prepare_params(init_params(cfg, jax.random.key(0), std=0.3))
-    env = StepEnv(LMProposer(params, cfg, tiny_tokenizer, max_new_tokens=12), StepRunner(sandbox.run, 4),
+    model = prepare(init_params(cfg, jax.random.key(0), std=0.3), cfg)
+    env = StepEnv(LMProposer(model, tiny_tokenizer, max_new_tokens=12), StepRunner(sandbox.run, 4),
                   tiny_tokenizer, grader, step_len=64)
     res = mcts.search(env, [toy_problem(6), toy_problem(8)], [jax.random.key(0), jax.random.key(1)],
                       mcts.MCTSConfig(rollouts=2, candidates=3))

@@ -12,7 +12,7 @@ from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.params import init_params
 from rstar_jax.models.registry import cache_dir
 from rstar_jax.models.tokenizer import load_tokenizer
-from rstar_jax.sampling import prepare_params
+from rstar_jax.engine import prepare
 from rstar_jax.search import mcts
 from rstar_jax.search.job import few_shot_text
 from rstar_jax.search.policy import LMProposer, StepEnv
@@ -43,7 +43,7 @@ def test_every_question_starts_with_the_shared_few_shot_ids(tiny_tokenizer, whic
 def test_lm_proposer_batched_search_equals_each_problem_alone(sandbox, grader, tiny_tokenizer):
     cfg = ModelConfig(model_type="llama", vocab_size=420, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    proposer = LMProposer(prepare_params(init_params(cfg, jax.random.key(0), std=0.3)), cfg, tiny_tokenizer,
+    proposer = LMProposer(prepare(init_params(cfg, jax.random.key(0), std=0.3), cfg), tiny_tokenizer,
                           max_new_tokens=8)
     few_shot = "Natalia sold clips to 48 of her friends in April.\n\n"
 

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from rstar_jax.config import load_config
-from rstar_jax.train import sharding
+from rstar_jax import sharding
 from rstar_jax.train.data import build_batches, tokenize
 from rstar_jax.train.model_source import load_for_training
 from rstar_jax.train.state import abstract_params, compile_step, init_state, make_optimizer, make_train_step, state_shardings

@@ -122,10 +122,10 @@ def lm_judge(spec: str, *, max_new_tokens: int = 512, batch_size: int = 8, chat:
 
     from rstar_jax.generation import encode_prompts
     from rstar_jax.models.hf_io import load_model
-    from rstar_jax.sampling import SamplingConfig, generate, prepare_params
+    from rstar_jax.engine import SamplingConfig, generate, prepare
 
     lm = load_model(spec)
-    params = prepare_params(lm.params)
+    model = prepare(lm.params, lm.cfg)
     use_chat = bool(lm.tokenizer.chat_template) if chat is None else chat
     settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
 
@@ -133,7 +133,7 @@ def lm_judge(spec: str, *, max_new_tokens: int = 512, batch_size: int = 8, chat:
         out: list[str] = []
         ids = encode_prompts(lm.tokenizer, list(prompts), use_chat)
         for lo in range(0, len(ids), batch_size):
-            results = generate(params, lm.cfg, lm.tokenizer, ids[lo : lo + batch_size], settings, jax.random.key(seed))
+            results = generate(model, lm.tokenizer, ids[lo : lo + batch_size], settings, jax.random.key(seed))
             out += [comps[0].text for comps in results]
         return out
 

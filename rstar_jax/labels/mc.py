@@ -193,13 +193,13 @@ def run_mc_labels(policy: str, source: str | Path, out: str | Path, cfg: MCConfi
     from rstar_jax.math.grading import Grader
     from rstar_jax.math.steps import StepRunner
     from rstar_jax.models.hf_io import load_model
-    from rstar_jax.sampling import prepare_params
+    from rstar_jax.engine import prepare
     from rstar_jax.sandbox import SandboxPool
     from rstar_jax.search.policy import LMProposer
 
     solutions = load_solutions(source, per_problem)
     lm = load_model(policy)
-    proposer = LMProposer(prepare_params(lm.params), lm.cfg, lm.tokenizer, max_new_tokens=max_new_tokens)
+    proposer = LMProposer(prepare(lm.params, lm.cfg), lm.tokenizer, max_new_tokens=max_new_tokens)
     with SandboxPool(workers=sandbox_workers, timeout_s=sandbox_timeout_s,
                      allow_insecure=allow_insecure_sandbox) as pool, Grader() as grader:
         env = StepEnv(proposer, StepRunner(pool.run, max_steps=max_steps), lm.tokenizer, step_len=UNBOUNDED_STEP,

@@ -2,21 +2,23 @@
 
 Parameters stay fp32 (master weights); each matmul casts its weight to `compute_dtype`. RMSNorm, softmax and
 logits run in fp32. RoPE is HF's rotate-half convention, so HF checkpoints load without permutation.
+
+One layer function (`decoder_layer`) and one attention (`models.attention`) serve training, scoring, prefill and
+decode; they differ only in the `attend` callback, which decides what a layer's queries read (the sequence itself,
+or the engine's caches) and which caches it writes.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from rstar_jax.backends import cpu
+from rstar_jax.models.attention import combine, row_part, split_heads
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.params import Params
-
-NEG_INF = -1e30
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -25,45 +27,14 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dot_f32(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
-    """einsum with an fp32 result, and a backward pass whose two dots also accumulate and return fp32 (then cast):
-    XLA:CPU runs bf16 dots 2.5x faster that way (AVX512-BF16 kernels), and JAX's own transpose would ask for
-    bf16 results."""
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-
-
-def _dot_f32_fwd(x, w, spec):
-    return dot_f32(x, w, spec), (x, w)
-
-
-def _dot_f32_bwd(spec, res, dy):
-    x, w = res
-    inputs, c = spec.split("->")
-    a, b = inputs.split(",")
-    dy = dy.astype(x.dtype)
-    dx = jnp.einsum(f"{c},{b}->{a}", dy, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum(f"{c},{a}->{b}", dy, x, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dx, dw
-
-
-dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
-
-
-def rows_dot(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
-    """`dot_f32` over x's last axis (spec "ni,oi->no" for a weight [out, in], "ni,io->no" for [in, out]) with x's
-    leading axes flattened into rows, weight cast to x's dtype. Flattened, XLA:CPU's backward pass gets the
-    weight gradient from plain 2-D dots; with the batch and length axes kept apart it wrote their operands
-    transposed through a slow loop fusion (SmolLM2 train step 7.4 -> 6.2 s, BUILD_NOTES)."""
-    y = dot_f32(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), spec)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
 def linear(x: jax.Array, proj: Params) -> jax.Array:
-    """x @ W.T for a projection's HF `weight` [out, in] (+ `bias`), in x's dtype, accumulated in fp32. Decode-prepared
-    parameters (`sampling.prepare_params`) carry `weight_t` [in, out] instead: XLA:CPU runs small-batch matmuls
-    ~1.4x faster in that layout."""
-    y = rows_dot(x, proj["weight_t"], "ni,io->no") if "weight_t" in proj else rows_dot(x, proj["weight"], "ni,oi->no")
+    """x @ W.T for a projection's HF `weight` [out, in] (+ `bias`), in x's dtype, accumulated in fp32. On the CPU
+    path the dot keeps fp32 results over flattened rows, and inference weights may come as `weight_t` [in, out]
+    (`backends.cpu`)."""
+    if cpu.tuned():
+        y = cpu.rows_dot(x, proj["weight_t"], "ni,io->no") if "weight_t" in proj else cpu.rows_dot(x, proj["weight"], "ni,oi->no")
+    else:
+        y = jnp.einsum("...i,oi->...o", x, proj["weight"].astype(x.dtype), preferred_element_type=jnp.float32)
     y = y if proj.get("bias") is None else y + proj["bias"].astype(jnp.float32)
     return y.astype(x.dtype)
 
@@ -89,73 +60,6 @@ def qkv(layer: Params, cfg: ModelConfig, h_BxTxD: jax.Array, positions_BxT: jax.
     k = linear(x, attn["k_proj"]).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
     v = linear(x, attn["v_proj"]).reshape(B, T, cfg.num_key_value_heads, cfg.head_dim)
     return rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta), v
-
-
-def attend(q_BxTxHxE: jax.Array, k_BxSxGxE: jax.Array, v_BxSxGxE: jax.Array, allowed_BxTxS: jax.Array) -> jax.Array:
-    """Grouped-query attention without materialising repeated K/V heads; returns [B, T, H*E]. Kept beside
-    `attend_parts` for full sequences: its [B, G, Q, T, S] score layout made a CPU train step 1.2x faster."""
-    B, T, H, E = q_BxTxHxE.shape
-    G = k_BxSxGxE.shape[2]
-    q_BxTxGxQxE = q_BxTxHxE.reshape(B, T, G, H // G, E)
-    scores = jnp.einsum("btgqe,bsge->bgqts", q_BxTxGxQxE, k_BxSxGxE).astype(jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
-    scores = jnp.where(allowed_BxTxS[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxE.dtype)
-    out = jnp.einsum("bgqts,bsge->btgqe", probs, v_BxSxGxE)
-    return out.reshape(B, T, H * E)
-
-
-# Score layout of each kind of key/value part, keyed by the row axes its keys carry ("": shared by every row, "b":
-# per row, "bt": per query): the dots' batch axes first, then the query axes, so XLA's dot output is already in
-# place. One common [B, T, G, Q, p] layout cost a transpose of every score and probability tensor (in a 12-prompt
-# prefill after a 1k-token shared prefix, 113 MB per layer and most of the call's time).
-PART_LAYOUTS = {"": "gbtq", "b": "bgtq", "bt": "btgq"}
-
-
-def to_layout(x: jax.Array, src: str, dst: str) -> jax.Array:
-    """Permute x's axes from `src` to `dst` (axis names); an x of fewer axes broadcasts as it is."""
-    return jnp.transpose(x, [src.index(a) for a in dst]) if x.ndim == len(src) else x
-
-
-def attend_parts(q_BxTxHxE: jax.Array, parts: Sequence[tuple[str, jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-    """Grouped-query attention over several key/value parts with one softmax across all of them; [B, T, H*E].
-
-    A part is (layout, k, v, allowed): `layout` names k's and v's axes with p as the key axis ("pge": one set shared
-    by every row, "bpge": per row, "btpge" or "rpge": per query, r being the flat query b*T + t), so a shared part
-    is broadcast, never copied per row; as "K,V" it names them apart. A decode cache stores k as "..gep" and v as
-    "..gpe", the operand layouts XLA:CPU's dots take, so no step copies it transposed. `allowed` is [p] or
-    [B, T, G, Q, p] (size-1 axes broadcast). Parts without keys are skipped (shapes are static). Each part keeps its
-    scores in its own layout (`PART_LAYOUTS`); only the per-query softmax statistics and outputs, which have no key
-    axis, are moved to a common layout.
-    """
-    B, T, H, E = q_BxTxHxE.shape
-    lays = [(k_lay, v_lay or k_lay) for k_lay, _, v_lay in (part[0].partition(",") for part in parts)]
-    keep = [k.shape[lay.index("p")] > 0 for (lay, _), (_, k, _, _) in zip(lays, parts)]
-    lays, parts = [x for x, o in zip(lays, keep) if o], [x for x, o in zip(parts, keep) if o]
-    G = parts[0][1].shape[lays[0][0].index("g")]
-    q_BxTxGxQxE = q_BxTxHxE.reshape(B, T, G, -1, E)
-    scale = 1.0 / np.sqrt(E)
-    common = "btgq"
-    score_lays = [PART_LAYOUTS["".join(a for a in "bt" if a in k_lay.replace("r", "bt"))] for k_lay, _ in lays]
-
-    def dot(x, x_lay, y, y_lay, out_lay):  # an einsum where a flat-query part's r axis stands for b, t
-        if "r" not in y_lay:
-            return jnp.einsum(f"{x_lay},{y_lay}->{out_lay}", x, y)
-        flat = lambda lay: lay.replace("bt", "r")  # noqa: E731
-        out = jnp.einsum(f"{flat(x_lay)},{y_lay}->{flat(out_lay)}", x.reshape(B * T, *x.shape[2:]), y)
-        return out.reshape(B, T, *out.shape[1:])
-
-    scores = []
-    for (_, k, _, allowed), (k_lay, _), lay in zip(parts, lays, score_lays):
-        s = dot(q_BxTxGxQxE, "btgqe", k, k_lay, lay + "p").astype(jnp.float32) * scale
-        scores.append(jnp.where(to_layout(allowed, common + "p", lay + "p"), s, NEG_INF))
-    m = functools.reduce(jnp.maximum, [to_layout(s.max(-1), lay, common) for s, lay in zip(scores, score_lays)])
-    denom, out = 0.0, 0.0
-    for (_, _, v, _), (_, v_lay), s, lay in zip(parts, lays, scores, score_lays):
-        e = jnp.exp(s - to_layout(m, common, lay)[..., None])
-        denom = denom + to_layout(e.sum(-1), lay, common)
-        o = dot(e.astype(v.dtype), lay + "p", v, v_lay, lay + "e")
-        out = out + to_layout(o, lay + "e", common + "e").astype(jnp.float32)
-    return (out / denom[..., None]).astype(q_BxTxHxE.dtype).reshape(B, T, H * E)
 
 
 def attn_out_and_mlp(layer: Params, cfg: ModelConfig, h_BxTxD: jax.Array, attn_BxTxHE: jax.Array) -> jax.Array:
@@ -187,6 +91,69 @@ def embed(params: Params, input_ids_BxT: jax.Array, compute_dtype: Any) -> jax.A
     return params["model"]["embed_tokens"]["weight"][input_ids_BxT].astype(compute_dtype)
 
 
+# attend(q [B,T,H,E], k [B,T,G,E], v [B,T,G,E], cache) -> (attention output [B, T, H*E], new cache): how a layer
+# attends. Training and scoring attend within the sequence (`self_attention`); the engine's prefill and decode
+# read and write their caches (`rstar_jax.engine.layers`). Only this differs between them.
+Attend = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def self_attention(allowed_BxTxT: jax.Array) -> Attend:
+    """Attention of each token to the allowed tokens of its own sequence (no cache)."""
+
+    def attend(q, k, v, cache):
+        parts = [row_part(split_heads(q, k.shape[2]), k, v, allowed_BxTxT)]
+        return combine(parts, q.dtype), cache
+
+    return attend
+
+
+def decoder_layer(layer: Params, cfg: ModelConfig, h_BxTxD: jax.Array, positions_BxT: jax.Array, attend: Attend,
+                  cache: Any = None) -> tuple[jax.Array, Any]:
+    """One pre-norm decoder layer: attention (as `attend` reads and writes its cache), then the SwiGLU MLP."""
+    q, k, v = qkv(layer, cfg, h_BxTxD, positions_BxT)
+    a, cache = attend(q, k, v, cache)
+    return attn_out_and_mlp(layer, cfg, h_BxTxD, a), cache
+
+
+def run_layers(
+    params: Params,
+    cfg: ModelConfig,
+    h_BxTxD: jax.Array,
+    positions_BxT: jax.Array,
+    attend: Attend,
+    caches: Sequence[Any] | None = None,
+    *,
+    scan_layers: bool = False,
+    remat: bool = False,
+    constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] | None = None,
+) -> tuple[jax.Array, list[Any] | None]:
+    """Every decoder layer, then the final norm: (hidden [B, T, D], the layers' new caches). `caches` is one
+    entry per layer (a per-layer list: each cache array is read and written in place; not with `scan_layers`).
+    Layers come stacked [L, ...] (training, scannable) or as a per-layer list (`engine.params`)."""
+    pin = constrain or (lambda x, axes: x)
+    h = pin(h_BxTxD, ("batch", "length", "embed"))
+
+    def block(h, layer, cache):
+        h, cache = decoder_layer(layer, cfg, h, positions_BxT, attend, cache)
+        return pin(h, ("batch", "length", "embed")), cache
+
+    if remat:
+        block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+    layers = params["model"]["layers"]
+    if scan_layers:
+        if caches is not None:
+            raise ValueError("run_layers: caches need per-layer iteration, not scan_layers")
+        h, _ = jax.lax.scan(lambda h, layer: (block(h, layer, None)[0], None), h, layers)
+        new_caches = None
+    else:
+        per_layer = layers if isinstance(layers, list) else unstack_layers(layers)
+        new_caches = []
+        for layer, cache in zip(per_layer, caches if caches is not None else [None] * len(per_layer)):
+            h, cache = block(h, layer, cache)
+            new_caches.append(cache)
+    return rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps), new_caches
+
+
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -197,53 +164,24 @@ def forward(
     compute_dtype: Any = jnp.float32,
     scan_layers: bool = False,
     remat: bool = False,
-    return_kv: bool = False,
     constrain: Callable[[jax.Array, tuple[str, ...]], jax.Array] | None = None,
-    shared_kv: tuple[Sequence[jax.Array], Sequence[jax.Array], jax.Array] | None = None,
-):
-    """Final-norm hidden states [B, T, D]; with `return_kv`, also k, v stacked as [L, B, T, G, E].
+) -> jax.Array:
+    """Final-norm hidden states [B, T, D] of packed or padded sequences (no cache).
 
     `constrain(x, logical_axes)` lets the training code pin activation shardings without the model knowing the mesh.
-    `shared_kv` = (k: L x [G, E, P], v: L x [G, P, E], valid [P]): per-layer keys/values of a prefix that every row
-    continues, in the decode cache's layouts (`sampling.SharedPrefix`; positions must start after it); every token
-    attends to its valid slots, broadcast over the batch.
     """
-    pin = constrain or (lambda x, axes: x)
-    allowed_BxTxT = segment_mask(positions_BxT, segment_ids_BxT)
-    h = pin(embed(params, input_ids_BxT, compute_dtype), ("batch", "length", "embed"))
-
-    def block(h, xs):
-        layer, shared = xs
-        q, k, v = qkv(layer, cfg, h, positions_BxT)
-        if shared is None:
-            a = attend(q, k, v, allowed_BxTxT)
-        else:
-            a = attend_parts(q, [("gep,gpe", *shared, shared_kv[2]), ("bpge", k, v, allowed_BxTxT[:, :, None, None])])
-        h = attn_out_and_mlp(layer, cfg, h, a)
-        return pin(h, ("batch", "length", "embed")), ((k, v) if return_kv else None)
-
-    if remat:
-        block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-    layers = params["model"]["layers"]  # stacked dict, or a per-layer list (see sampling.prepare_params)
-    if scan_layers:
-        stacked = None if shared_kv is None else tuple(jnp.stack(x) for x in shared_kv[:2])
-        h, kv = jax.lax.scan(block, h, (layers, stacked))
-    else:
-        per_layer = layers if isinstance(layers, list) else unstack_layers(layers)
-        per_shared = [None] * len(per_layer) if shared_kv is None else list(zip(*shared_kv[:2]))
-        outs = []
-        for layer, shared in zip(per_layer, per_shared):
-            h, kv_i = block(h, (layer, shared))
-            outs.append(kv_i)
-        kv = jax.tree.map(lambda *xs: jnp.stack(xs), *outs) if return_kv else None
-    h = rms_norm(h, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
-    return (h, kv) if return_kv else h
+    attend = self_attention(segment_mask(positions_BxT, segment_ids_BxT))
+    h, _ = run_layers(params, cfg, embed(params, input_ids_BxT, compute_dtype), positions_BxT, attend,
+                      scan_layers=scan_layers, remat=remat, constrain=constrain)
+    return h
 
 
 def lm_head(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """fp32 logits; tied models reuse the embedding matrix."""
     w = params["model"]["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    return rows_dot(hidden, w, "nd,vd->nv")
+    if cpu.tuned():
+        return cpu.rows_dot(hidden, w, "nd,vd->nv")
+    return jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 def positions_from_mask(attention_mask_BxT: jax.Array) -> jax.Array:

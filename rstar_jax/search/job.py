@@ -162,7 +162,7 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
     from rstar_jax.math.grading import Grader
     from rstar_jax.math.steps import StepRunner
     from rstar_jax.models.hf_io import load_model
-    from rstar_jax.sampling import prepare_params
+    from rstar_jax.engine import prepare
     from rstar_jax.search import baselines, mcts, mcts_star, tree_io
     from rstar_jax.search.batch_state import BatchCheckpoint
     from rstar_jax.search.policy import LMProposer, RewardScorer, Stats, StepEnv
@@ -173,7 +173,7 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
     todo = [p for p in problems if p.id not in done]
     compute_dtype = jnp.dtype(dtype)
     lm = load_model(settings["model"], dtype="float32")
-    proposer = LMProposer(prepare_params(lm.params, compute_dtype), lm.cfg, lm.tokenizer, max_new_tokens)
+    proposer = LMProposer(prepare(lm.params, lm.cfg, compute_dtype), lm.tokenizer, max_new_tokens)
     scorer = None
     if settings["reward_model"] is not None:
         rm = load_model(settings["reward_model"], dtype="float32")

@@ -26,7 +26,7 @@ import numpy as np
 from rstar_jax.data import Problem
 from rstar_jax.math.grading import Grader
 from rstar_jax.math.steps import STOP_STRINGS, StepKind, StepRunner, build_prompt
-from rstar_jax.sampling import Completion, SamplingConfig, generate
+from rstar_jax.engine import Completion, Engine, EngineConfig, InferenceModel, Request as EngineRequest, SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,18 +96,20 @@ def question_prompt(problem: Problem, few_shot: str = "") -> str:
 
 
 class LMProposer:
-    """Candidate steps sampled from a causal LM (params from `sampling.prepare_params`), each request with its own
-    key, after the requests' shared few-shot prefix (prefilled once per model and prefix, then cached)."""
+    """Candidate steps sampled from a causal LM through one engine, each request with its own key, after the
+    requests' shared few-shot prefix (prefilled once, then read by every request)."""
 
-    def __init__(self, params, cfg, tokenizer, max_new_tokens: int = 256, top_p: float = 1.0, top_k: int = 0):
-        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
-        self.max_new_tokens, self.top_p, self.top_k = max_new_tokens, top_p, top_k
+    def __init__(self, model: InferenceModel, tokenizer, max_new_tokens: int = 256, top_p: float = 1.0, top_k: int = 0,
+                 engine: EngineConfig = EngineConfig()):
+        self.tokenizer, self.top_p, self.top_k = tokenizer, top_p, top_k
+        self.max_new_tokens = max_new_tokens
+        self.engine = Engine(model, tokenizer, dataclasses.replace(engine, max_new_tokens=max_new_tokens))
 
     def __call__(self, requests: Sequence[Request], num: int, temperature: float) -> list[list[Completion]]:
         settings = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p,
                                   top_k=self.top_k, num_samples=num, stop=STOP_STRINGS)
-        return generate(self.params, self.cfg, self.tokenizer, [r.prompt_ids for r in requests], settings,
-                        [r.key for r in requests], shared_prefix=requests[0].prompt_ids[: requests[0].shared_len])
+        self.engine.set_shared_prefix(requests[0].prompt_ids[: requests[0].shared_len])
+        return self.engine.run([EngineRequest(r.prompt_ids, settings, r.key) for r in requests])
 
 
 class RewardScorer:

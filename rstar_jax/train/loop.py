@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rstar_jax.config import Config, RunConfigError, load_config, to_dict
 from rstar_jax.models.config import ModelConfig
-from rstar_jax.train import sharding
+from rstar_jax import sharding
 from rstar_jax.train.checkpoint import Checkpointer
 from rstar_jax.train.data import Batches, build_batches, read_records, split_heldout, tokenize
 from rstar_jax.train.losses import KINDS

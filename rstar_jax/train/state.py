@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rstar_jax.config import Config, OptimSection
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.params import Params, init_params, logical_axes
-from rstar_jax.train import sharding
+from rstar_jax import sharding
 from rstar_jax.train.losses import NUM_LABELS, loss_fn
 
 

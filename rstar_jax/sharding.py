@@ -1,4 +1,5 @@
-"""The mesh and THE logical-axis rules table (parameters, optimizer state and activations).
+"""The mesh and THE logical-axis rules table (parameters, optimizer state, activations and the inference
+engine's state), used by training, the engine and the reward scorer.
 
 Model code and param layouts name logical axes (`embed`, `mlp`, `heads`, `vocab`, `batch`, ...);
 `RULES` maps each to candidate mesh axes. A dimension takes its candidates minus mesh axes already used
@@ -28,6 +29,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "length": (),
     "pair": (),
     "accum": (),
+    # the inference engine's state: each data group (its slots and prompt entries) on one `data` shard
+    "groups": ("data",),
     # parameters (and, through them, optimizer state)
     "embed": ("fsdp",),
     "vocab": ("tensor",),

@@ -1,0 +1,1 @@
+"""Backend-specific tuning, each module active only on its backend (the plain path runs everywhere else)."""
