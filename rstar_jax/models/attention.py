@@ -43,11 +43,12 @@ def split_heads(q_BxTxHxE: jax.Array, num_kv_heads: int) -> jax.Array:
     return q_BxTxHxE.reshape(B, T, num_kv_heads, H // num_kv_heads, E)
 
 
+# The dots run in the inputs' dtype (XLA:CPU has no bf16 x bf16 -> fp32 batched dot); scores and softmax in fp32.
 def _stats(s: jax.Array, v: jax.Array, pv_spec: str, m_perm: tuple[int, ...]):
     """(m, l, o) of masked fp32 scores `s` (keys on the last axis): m and l permuted by `m_perm`, o by `pv_spec`."""
     m = jax.lax.stop_gradient(s.max(-1))
     e = jnp.exp(s - m[..., None])
-    o = jnp.einsum(pv_spec, e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o = jnp.einsum(pv_spec, e.astype(v.dtype), v).astype(jnp.float32)
     return Stats(jnp.transpose(m, m_perm), jnp.transpose(e.sum(-1), m_perm), o)
 
 
@@ -56,7 +57,7 @@ def row_part(q_BxTxGxQxE: jax.Array, k: jax.Array, v: jax.Array, allowed_BxTxS: 
     """Keys per row, named by `k_spec` / `v_spec` with s the key axis ("bsge": a sequence's own [B, S, G, E];
     "bges" / "bgse": a decode cache's layouts). `allowed` [B, T, S]."""
     scale = 1.0 / np.sqrt(q_BxTxGxQxE.shape[-1])
-    s = jnp.einsum(f"btgqe,{k_spec}->bgqts", q_BxTxGxQxE, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum(f"btgqe,{k_spec}->bgqts", q_BxTxGxQxE, k).astype(jnp.float32) * scale
     s = jnp.where(allowed_BxTxS[:, None, None], s, NEG_INF)
     return _stats(s, v, f"bgqts,{v_spec}->btgqe", (0, 3, 1, 2))
 
@@ -64,7 +65,7 @@ def row_part(q_BxTxGxQxE: jax.Array, k: jax.Array, v: jax.Array, allowed_BxTxS: 
 def shared_part(q_BxTxGxQxE: jax.Array, k_GxExP: jax.Array, v_GxPxE: jax.Array, allowed: jax.Array) -> Stats:
     """Keys every row shares; `allowed` [P] or [B, P] (a row may not use the shared part)."""
     scale = 1.0 / np.sqrt(q_BxTxGxQxE.shape[-1])
-    s = jnp.einsum("btgqe,gep->gbtqp", q_BxTxGxQxE, k_GxExP, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("btgqe,gep->gbtqp", q_BxTxGxQxE, k_GxExP).astype(jnp.float32) * scale
     mask = allowed[None, :, None, None, :] if allowed.ndim == 2 else allowed
     s = jnp.where(mask, s, NEG_INF)
     return _stats(s, v_GxPxE, "gbtqp,gpe->btgqe", (1, 2, 0, 3))
@@ -84,7 +85,7 @@ def lane_part(q_Rx1xGxQxE: jax.Array, k_PxGxExS: jax.Array, v_PxGxSxE: jax.Array
     scale = 1.0 / np.sqrt(q_Rx1xGxQxE.shape[-1])
     has_row = lanes.row_PxK >= 0
     q_PxKxGxQxE = jnp.where(has_row[..., None, None, None], q_Rx1xGxQxE[jnp.maximum(lanes.row_PxK, 0), 0], 0)
-    s = jnp.einsum("pkgqe,pges->pgkqs", q_PxKxGxQxE, k_PxGxExS, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("pkgqe,pges->pgkqs", q_PxKxGxQxE, k_PxGxExS).astype(jnp.float32) * scale
     s = jnp.where(allowed_PxS[:, None, None, None, :], s, NEG_INF)
     m, l, o = _stats(s, v_PxGxSxE, "pgkqs,pgse->pkgqe", (0, 2, 1, 3))  # m, l: [P, K, G, Q]
     at = (lanes.entry_R, lanes.lane_R)
