@@ -4,7 +4,7 @@ whole step, and the same matmuls in torch (the kernels transformers decodes with
 - machine: a 2048^3 fp32 matmul (compute peak) and a jitted sum over 540 MB (memory bandwidth);
 - matmuls alone: the 30 layers' 7 projections and the head at 16 rows, chained so each layer waits for the last,
   with the real weights, through `llama.linear` / `llama.lm_head` (JAX) or `x @ W.T` (torch);
-- whole step: `sampling.generate` at batch 16 (greedy, EOS ignored), (time of 64 new tokens - time of 16) / 48.
+- whole step: the engine's `generate` at batch 16 (greedy, EOS ignored), (time of 64 new tokens - time of 16) / 48.
 
     python bench/decode_bound.py [--repeats 5]
 """
@@ -22,7 +22,7 @@ import torch
 
 from rstar_jax.models.hf_io import load_model
 from rstar_jax.models.llama import linear, lm_head
-from rstar_jax.sampling import SamplingConfig, generate, prepare_params
+from rstar_jax.engine import SamplingConfig, generate, prepare
 
 from generate import PROMPTS
 
@@ -47,7 +47,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     lm = load_model(a.model)
     cfg, tok = lm.cfg, lm.tokenizer
-    params = prepare_params(lm.params)
+    model = prepare(lm.params, cfg)
+    params = model.params
     layers = params["model"]["layers"]
     weight_count = sum(x.size for x in jax.tree.leaves(params))
     # every weight is one multiply-add per row, the embedding only where it is also the head
@@ -94,7 +95,7 @@ def main() -> None:
 
     ids = [tok.encode(p, add_special_tokens=True) for p in PROMPTS[:ROWS]]
     calls = {n: SamplingConfig(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in (16, 64)}
-    gen_ms = {n: best_ms(lambda: generate(params, cfg, tok, ids, s, jax.random.key(0)), a.repeats) for n, s in calls.items()}
+    gen_ms = {n: best_ms(lambda: generate(model, tok, ids, s, jax.random.key(0)), a.repeats) for n, s in calls.items()}
     step = (gen_ms[64] - gen_ms[16]) / 48
 
     print(f"SmolLM2-135M, batch {ROWS}, fp32, CPU ({os.cpu_count()} cores), best of {a.repeats}\n")

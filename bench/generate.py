@@ -1,4 +1,4 @@
-"""New tokens/s of rstar-jax's sampler vs transformers `generate` on SmolLM2-135M (CPU, fp32).
+"""New tokens/s of rstar-jax's engine vs transformers `generate` on SmolLM2-135M (CPU, fp32).
 
 Both run in this process on the same converted weights and the same prompts, and produce exactly
 `--new-tokens` tokens per sequence (EOS ignored). Timings exclude compilation / warm-up (one untimed run
@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from rstar_jax.models.hf_io import load_model
 from rstar_jax.models.registry import resolve
-from rstar_jax.sampling import SamplingConfig, generate, prepare_params
+from rstar_jax.engine import SamplingConfig, generate, prepare
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips",
@@ -60,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     folder = resolve(a.model)
     lm = load_model(a.model)
-    params = prepare_params(lm.params)
+    model = prepare(lm.params, lm.cfg)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = lm.tokenizer
     n = a.new_tokens
@@ -69,7 +69,7 @@ def main() -> None:
     for name, prompts, k, temp in cases:
         ids = [tok.encode(p, add_special_tokens=True) for p in prompts]
         s = SamplingConfig(max_new_tokens=n, temperature=temp, num_samples=k, ignore_eos=True, top_k=0)
-        ours = best_of(lambda: generate(params, lm.cfg, tok, ids, s, jax.random.key(0)), a.repeats)
+        ours = best_of(lambda: generate(model, tok, ids, s, jax.random.key(0)), a.repeats)
 
         width = max(map(len, ids))
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -152,14 +152,15 @@ def _evolve(a: argparse.Namespace) -> None:
 
 def _compilation_cache() -> None:
     """Keep compiled XLA programs on disk (next to the model cache): a resumed or repeated job does not recompile.
-    RSTAR_JAX_XLA_CACHE=0 turns it off."""
-    if os.environ.get("RSTAR_JAX_XLA_CACHE", "1") == "0":
+    RSTAR_JAX_XLA_CACHE=0 turns it off; any other value than 1 is the folder to use."""
+    setting = os.environ.get("RSTAR_JAX_XLA_CACHE", "1")
+    if setting == "0":
         return
     import jax
 
     from rstar_jax.models.registry import cache_dir
 
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla") if setting == "1" else setting)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 

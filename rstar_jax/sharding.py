@@ -89,6 +89,14 @@ def param_specs(abstract_params: Any, axes_tree: Any, mesh, min_shard_elements: 
     return jax.tree.map(one, abstract_params, axes_tree, is_leaf=lambda a: isinstance(a, tuple))
 
 
+def place_params(params: Any, mesh: jax.sharding.Mesh, min_shard_elements: int) -> Any:
+    """Parameters in the stacked layout of `models.params` (host arrays) put on `mesh` by the rules table: each
+    device receives only its own shard, never the whole model first."""
+    from rstar_jax.models.params import logical_axes
+
+    return jax.device_put(params, named(mesh, param_specs(params, logical_axes(params), mesh, min_shard_elements)))
+
+
 def opt_state_specs(optimizer: optax.GradientTransformation, abstract_opt_state: Any, specs_of_params: Any) -> Any:
     """Optimizer moments take their parameter's spec; counters and scalars are replicated."""
     return optax.tree_map_params(

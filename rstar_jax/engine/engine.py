@@ -317,7 +317,7 @@ class Engine:
         margin = self.lay.stop_len
         for k in range(job.lanes):
             n = int(length_K[k])
-            if state_K[k] != RUNNING or n <= job.checked[k]:
+            if state_K[k] not in (PENDING, RUNNING) or n <= job.checked[k]:
                 continue
             text = self.tokenizer.decode(tokens_KxT[k, max(0, job.checked[k] - margin) : n].tolist())
             if any(s in text for s in req.host_stops):

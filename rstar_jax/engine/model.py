@@ -9,14 +9,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rstar_jax import sharding
 from rstar_jax.backends import cpu
 from rstar_jax.config import MeshSection
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.llama import unstack_layers
-from rstar_jax.models.params import Params, logical_axes
+from rstar_jax.models.params import Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +34,6 @@ def single_device_mesh() -> jax.sharding.Mesh:
     return sharding.make_mesh(MeshSection(data=1), jax.devices()[:1])
 
 
-def place(params: Params, mesh: jax.sharding.Mesh, min_shard_elements: int = MeshSection().min_shard_elements) -> Params:
-    """Stacked parameters (host or device arrays) placed on `mesh` by the rules table: each device receives only
-    its shard."""
-    specs = sharding.param_specs(params, logical_axes(params), mesh, min_shard_elements)
-    return jax.device_put(params, sharding.named(mesh, specs))
-
-
 def _layout(params: Params, dtype: Any, tuned: bool) -> Params:
     cast = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     layers = cast["model"]["layers"]
@@ -56,11 +48,7 @@ def prepare(params: Params, cfg: ModelConfig, dtype: Any = jnp.float32, mesh: ja
     mesh = mesh if mesh is not None else single_device_mesh()
     tuned = cpu.tuned() if tuned is None else tuned
     if isinstance(params["model"]["layers"], dict):
-        params = place(params, mesh, min_shard_elements)
+        params = sharding.place_params(params, mesh, min_shard_elements)
     out = jax.jit(_layout, static_argnums=(1, 2), donate_argnums=())(params, jnp.dtype(dtype), tuned)
     return InferenceModel(out, cfg, mesh, tuned)
 
-
-def host_params(params: Params) -> Params:
-    """Device parameters back on the host (numpy), e.g. to prepare them for another mesh."""
-    return jax.tree.map(np.asarray, params)

@@ -81,6 +81,7 @@ def _prefill(params: Params, st: EngineState, shared: SharedPrefix, table: stops
 
     # a request's first chunk resets its entry and sets its settings
     st = st.replace(
+        entry_len_DxP=put(st.entry_len_DxP, jnp.zeros_like(rows.offset_DxR)),
         entry_shared_DxP=put(st.entry_shared_DxP, rows.shared_DxR), entry_key_DxP=put(st.entry_key_DxP, rows.key_DxR),
         entry_sample0_DxP=put(st.entry_sample0_DxP, rows.sample0_DxR),
         entry_lanes_DxP=put(st.entry_lanes_DxP, jnp.zeros_like(rows.lanes_DxR)),
@@ -102,7 +103,9 @@ def _prefill(params: Params, st: EngineState, shared: SharedPrefix, table: stops
     h = embed(params, rows.tokens_DxRxC.reshape(D * R, C), compute_dtype(params))
     h, caches = run_layers(params, cfg, h, positions.reshape(D * R, C), attend,
                            list(zip(st.caches, zip(shared.k, shared.v))))
-    st = st.replace(caches=tuple(c for c, _ in caches), entry_len_DxP=put(st.entry_len_DxP, end_DxR, used))
+    # several chunks of one prompt may share a call: the entry holds up to the furthest
+    entry_len = st.entry_len_DxP.at[d_R, e_R].max(end_DxR, mode="drop")
+    st = st.replace(caches=tuple(c for c, _ in caches), entry_len_DxP=entry_len)
 
     # rows that end their prompt: draw each lane's first token and make the lanes pending
     last = used & rows.last_DxR

@@ -48,8 +48,11 @@ class LoadedModel:
 # --- loading -----------------------------------------------------------------------------------------
 
 
-def load_model(spec: str, *, dtype: Any = jnp.float32, num_labels: int | None = None) -> LoadedModel:
-    """Load a causal LM, or with `num_labels` (or from a *ForTokenClassification folder) a reward model.
+def load_model(spec: str, *, dtype: Any = jnp.float32, num_labels: int | None = None,
+               mesh: jax.sharding.Mesh | None = None, min_shard_elements: int = 2**14) -> LoadedModel:
+    """Load a causal LM, or with `num_labels` (or from a *ForTokenClassification folder) a reward model. With
+    `mesh`, every parameter goes straight from the host into its shards (the rules table); else onto the default
+    device.
 
     A causal-LM folder loaded with `num_labels` gets a fresh zero-initialised score head (its lm_head is
     dropped): the reward model starts from the policy's backbone and reports neutral scores until trained.
@@ -73,6 +76,10 @@ def load_model(spec: str, *, dtype: Any = jnp.float32, num_labels: int | None = 
             f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but config.json vocab_size is {cfg.vocab_size}"
         )
     params = _params_from_tensors(tensors, cfg, num_labels, folder)
+    if mesh is not None:
+        from rstar_jax.sharding import place_params
+
+        return LoadedModel(cfg, place_params(params, mesh, min_shard_elements), tokenizer, folder, num_labels)
     return LoadedModel(cfg, jax.tree.map(jnp.asarray, params), tokenizer, folder, num_labels)
 
 
