@@ -26,6 +26,14 @@ def loaded(x: jax.Array, dtype: Any, tuned: bool) -> jax.Array:
     return cpu.from_storage(x, dtype) if tuned else x
 
 
+def per_group(f: Callable, *args: Any) -> Any:
+    """`jax.vmap(f)` over the leading data-group axis; with one group, f on it directly: a size-1 leading axis made
+    XLA:CPU copy each cache block into another layout at every layer of every step."""
+    if jax.tree.leaves(args)[0].shape[0] == 1:
+        return jax.tree.map(lambda x: x[None], f(*jax.tree.map(lambda x: x[0], args)))
+    return jax.vmap(f)(*args)
+
+
 def maybe_skip(live: jax.Array, part: Callable[[], Stats], q: jax.Array, tuned: bool) -> Stats:
     """A part computed only where some row reaches it: a conditional on the CPU path, always elsewhere (a part no
     row reaches adds exactly nothing either way, see `models.attention`)."""
@@ -63,7 +71,7 @@ def decode_attention(rows: DecodeRows, read: int, block: int, tuned: bool):
             ek, ev = (loaded(x[n], k.dtype, tuned) for x in (layer.entry_k, layer.entry_v))
 
             def part(n=n, ek=ek, ev=ev, allowed=allowed_DxPxW):
-                st = jax.vmap(lane_part)(qd, ek, ev, allowed, rows.lanes)
+                st = per_group(lane_part, qd, ek, ev, allowed, rows.lanes)
                 return Stats(*(x.reshape(D * S, *x.shape[2:]) for x in st))
 
             parts.append(maybe_skip(rows.block_live_N[n], part, q5, tuned))
@@ -117,7 +125,7 @@ def prefill_attention(rows: PrefillRows, shared_row: jax.Array, block_live_N: ja
             entry_v[n] = entry_v[n].at[d, e, :, at, :].set(v5, mode="drop")
         q5 = split_heads(q, G)  # [D*R, C, G, Q, E]
         parts = [shared_part(q5, shared_k, shared_v, shared_row)]
-        take = jax.vmap(lambda x, idx: x[idx])  # per group: the rows' entries
+        take = lambda x, idx: per_group(lambda x, i: x[i], x, idx)  # noqa: E731  the rows' entries
         for n in range(read):  # then the chunk attends to its entry up to itself, block by block
             kv_pos = n * block + jnp.arange(block)
             allowed = (kv_pos[None, None] <= pos_DxRxC[..., None]) & (kv_pos[None, None] < end_DxR[..., None, None])

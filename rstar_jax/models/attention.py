@@ -44,12 +44,14 @@ def split_heads(q_BxTxHxE: jax.Array, num_kv_heads: int) -> jax.Array:
 
 
 # The dots run in the inputs' dtype (XLA:CPU has no bf16 x bf16 -> fp32 batched dot); scores and softmax in fp32.
-def _stats(s: jax.Array, v: jax.Array, pv_spec: str, m_perm: tuple[int, ...]):
-    """(m, l, o) of masked fp32 scores `s` (keys on the last axis): m and l permuted by `m_perm`, o by `pv_spec`."""
+def _stats(s: jax.Array, v: jax.Array, pv_spec: str, perm: tuple[int, ...]) -> Stats:
+    """(m, l, o) of masked fp32 scores `s` (keys on the last axis) permuted by `perm` from the score layout to the
+    common one. The value dot keeps the score layout (`pv_spec`'s natural output order): asking it for the common
+    order made XLA:CPU copy the scores transposed at every layer."""
     m = jax.lax.stop_gradient(s.max(-1))
     e = jnp.exp(s - m[..., None])
     o = jnp.einsum(pv_spec, e.astype(v.dtype), v).astype(jnp.float32)
-    return Stats(jnp.transpose(m, m_perm), jnp.transpose(e.sum(-1), m_perm), o)
+    return Stats(jnp.transpose(m, perm), jnp.transpose(e.sum(-1), perm), jnp.transpose(o, (*perm, len(perm))))
 
 
 def row_part(q_BxTxGxQxE: jax.Array, k: jax.Array, v: jax.Array, allowed_BxTxS: jax.Array, k_spec: str = "bsge",
@@ -59,7 +61,7 @@ def row_part(q_BxTxGxQxE: jax.Array, k: jax.Array, v: jax.Array, allowed_BxTxS: 
     scale = 1.0 / np.sqrt(q_BxTxGxQxE.shape[-1])
     s = jnp.einsum(f"btgqe,{k_spec}->bgqts", q_BxTxGxQxE, k).astype(jnp.float32) * scale
     s = jnp.where(allowed_BxTxS[:, None, None], s, NEG_INF)
-    return _stats(s, v, f"bgqts,{v_spec}->btgqe", (0, 3, 1, 2))
+    return _stats(s, v, f"bgqts,{v_spec}->bgqte", (0, 3, 1, 2))
 
 
 def shared_part(q_BxTxGxQxE: jax.Array, k_GxExP: jax.Array, v_GxPxE: jax.Array, allowed: jax.Array) -> Stats:
@@ -68,7 +70,7 @@ def shared_part(q_BxTxGxQxE: jax.Array, k_GxExP: jax.Array, v_GxPxE: jax.Array, 
     s = jnp.einsum("btgqe,gep->gbtqp", q_BxTxGxQxE, k_GxExP).astype(jnp.float32) * scale
     mask = allowed[None, :, None, None, :] if allowed.ndim == 2 else allowed
     s = jnp.where(mask, s, NEG_INF)
-    return _stats(s, v_GxPxE, "gbtqp,gpe->btgqe", (1, 2, 0, 3))
+    return _stats(s, v_GxPxE, "gbtqp,gpe->gbtqe", (1, 2, 0, 3))
 
 
 class Lanes(NamedTuple):
@@ -87,7 +89,7 @@ def lane_part(q_Rx1xGxQxE: jax.Array, k_PxGxExS: jax.Array, v_PxGxSxE: jax.Array
     q_PxKxGxQxE = jnp.where(has_row[..., None, None, None], q_Rx1xGxQxE[jnp.maximum(lanes.row_PxK, 0), 0], 0)
     s = jnp.einsum("pkgqe,pges->pgkqs", q_PxKxGxQxE, k_PxGxExS).astype(jnp.float32) * scale
     s = jnp.where(allowed_PxS[:, None, None, None, :], s, NEG_INF)
-    m, l, o = _stats(s, v_PxGxSxE, "pgkqs,pgse->pkgqe", (0, 2, 1, 3))  # m, l: [P, K, G, Q]
+    m, l, o = _stats(s, v_PxGxSxE, "pgkqs,pgse->pgkqe", (0, 2, 1, 3))  # [P, K, G, Q] (+ E)
     at = (lanes.entry_R, lanes.lane_R)
     return Stats(m[at][:, None], l[at][:, None], o[at][:, None])
 
