@@ -146,10 +146,11 @@ def test_bad_rows_are_one_line_errors(tmp_path):
         load_rows(bad)
 
 
-@pytest.mark.parametrize("num_labels", [2, 1])  # PRM head (P(correct)) and PPM / value head (tanh)
+@pytest.mark.parametrize("num_labels", [2, 1])  # PRM head (P(correct)) and PPM head (tanh(raw / 5))
 def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels):
     from rstar_jax.math.steps import build_prompt
     from rstar_jax.models.config import ModelConfig
+    from rstar_jax.models.heads import RewardHead
     from rstar_jax.models.hf_io import save_reward_model
     from rstar_jax.models.params import init_params
     from rstar_jax.reward import score_steps
@@ -157,7 +158,8 @@ def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels)
     cfg = ModelConfig(model_type="llama", vocab_size=420, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048)
     params = init_params(cfg, jax.random.key(0), num_labels=num_labels, std=0.3)
-    folder = save_reward_model(tmp_path / "prm", cfg, params, tiny_tokenizer)
+    head = RewardHead("prm" if num_labels == 2 else "ppm")
+    folder = save_reward_model(tmp_path / "prm", cfg, params, tiny_tokenizer, head)
     all_rows = sorted(load_rows(_pb_file(tmp_path)), key=lambda r: len(r.problem) + sum(map(len, r.steps)))
     rows = [r for r in all_rows if r.label != -1][:8] + [r for r in all_rows if r.label == -1][:8]  # shortest
     data = tmp_path / "subset.jsonl"
@@ -168,7 +170,7 @@ def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels)
     assert sorted(p["id"] for p in preds) == sorted(r.id for r in rows)
     # the written scores are the reward model's reported scores read at each step's end
     r0 = next(r for r in rows if r.id == preds[0]["id"])
-    want = score_steps(params, cfg, tiny_tokenizer, [(build_prompt(r0.problem), ["\n" + s for s in r0.steps])])[0]
+    want = score_steps(params, cfg, tiny_tokenizer, head, [(build_prompt(r0.problem), ["\n" + s for s in r0.steps])])[0]
     np.testing.assert_allclose(preds[0]["scores"], want, atol=1e-5)
     ev = [p for p in preds if p["split"] == "eval"]
     fixed = processbench_metrics([p["label"] for p in ev], [p["prediction"] for p in ev])

@@ -209,7 +209,7 @@ def reward_model_scorer(spec: str, *, batch_size: int = 16, compute_dtype: Any =
 
     def score(items: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
         formatted = [(build_prompt(p), [STEP_SEPARATOR + s for s in steps]) for p, steps in items]
-        return score_steps(model.params, model.cfg, model.tokenizer, formatted, batch_size=batch_size,
+        return score_steps(model.params, model.cfg, model.tokenizer, model.head, formatted, batch_size=batch_size,
                            compute_dtype=dtype)
 
     return score

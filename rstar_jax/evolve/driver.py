@@ -256,6 +256,6 @@ def _pair_accuracy(ppm: str, heldout: Path, dtype: str) -> dict[str, Any]:
     pairs = read_jsonl(heldout)
     rm = load_model(ppm)
     items = [(p["prompt"], pair_steps(p, side)) for p in pairs for side in ("pos", "neg")]
-    scores = score_steps(rm.params, rm.cfg, rm.tokenizer, items, compute_dtype=dtype)
+    scores = score_steps(rm.params, rm.cfg, rm.tokenizer, rm.head, items, compute_dtype=dtype)
     wins = [scores[2 * i][-1] > scores[2 * i + 1][-1] for i in range(len(pairs))]
     return {"pairs": len(pairs), "accuracy": sum(wins) / len(wins)}

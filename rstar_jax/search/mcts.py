@@ -14,6 +14,8 @@ Modes (what the gold answer and the reward model are used for):
              (rStar's `node.update(value)`; rounds 3-4).
 * inference: no gold answer; the PPM scores answer terminals (their backed-up reward) and new nodes.
              Without a reward model every score is 0, so the pick below is a plain majority.
+Reward-model scores enter the tree in [-1, 1] (`StepEnv.signed_value`): a PPM's tanh(raw / 5) as it is read
+(`models/heads.py`), a value model's or PRM's [0, 1] score as 2 s - 1.
 
 The answer: among the answer terminals, the `top_n` with the highest Q vote, each weighted by (Q + 1) / 2,
 over equivalence classes (`answer`); the single highest-Q answer is reported too (`best_answer`).
@@ -185,11 +187,11 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
     def reward_of(ch: Child) -> float:
         if gold:
             return 1.0 if ch.correct else -1.0
-        return ch.score if ch.score is not None else 0.0
+        return env.signed_value(ch.score)
 
     def value_of(ch: Child) -> tuple[float, bool]:
         if score_nodes and ch.score is not None and ch.kind != StepKind.ANSWER_TERMINAL:
-            return ch.score, True
+            return env.signed_value(ch.score), True
         return 0.0, False
 
     for r in range(state.done, cfg.rollouts):

@@ -26,6 +26,7 @@ import numpy as np
 from rstar_jax.data import Problem
 from rstar_jax.math.grading import Grader
 from rstar_jax.math.steps import STOP_STRINGS, StepKind, StepRunner, build_prompt
+from rstar_jax.models.heads import RewardHead
 from rstar_jax.sampling import Completion, SamplingConfig, generate
 
 
@@ -43,7 +44,7 @@ class Request:
 
 # (requests, samples per request, temperature) -> per request, that many completions
 Proposer = Callable[[Sequence[Request], int, float], list[list[Completion]]]
-# [(prompt text, step texts)] -> per item one score per step
+# [(prompt text, step texts)] -> per item one score per step; it has a `head` (`RewardHead`) saying how to read them
 Scorer = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[float]]]
 
 
@@ -111,17 +112,20 @@ class LMProposer:
 
 
 class RewardScorer:
-    """Step scores from a reward model (`reward.score_steps`): PPM/value heads in [-1, 1], PRMs in [0, 1]."""
+    """Step scores from a reward model (`reward.score_steps`), read as its head says (`RewardHead`): PPM in [-1, 1],
+    value and PRM in [0, 1]."""
 
-    def __init__(self, params, cfg, tokenizer, num_labels: int, batch_size: int = 16, compute_dtype: Any = "float32"):
-        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
-        self.low = -1.0 if num_labels == 1 else 0.0
+    def __init__(self, params, cfg, tokenizer, head: RewardHead, batch_size: int = 16, compute_dtype: Any = "float32"):
+        if head.input_format != "steps":
+            raise ValueError(f"reward model with input format {head.input_format!r}: search reads the step format "
+                             "only (score such a PRM with processbench)")
+        self.params, self.cfg, self.tokenizer, self.head = params, cfg, tokenizer, head
         self.batch_size, self.compute_dtype = batch_size, compute_dtype
 
     def __call__(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
         from rstar_jax.reward import score_steps
 
-        return score_steps(self.params, self.cfg, self.tokenizer, items, batch_size=self.batch_size,
+        return score_steps(self.params, self.cfg, self.tokenizer, self.head, items, batch_size=self.batch_size,
                            compute_dtype=self.compute_dtype)
 
 
@@ -235,8 +239,13 @@ class StepEnv:
         return rows
 
     def unit_value(self, score: float | None, default: float = 0.5) -> float:
-        """A reward-model score mapped to [0, 1] (PPM tanh scores are in [-1, 1]); `default` when unscored."""
+        """A reward-model score mapped to [0, 1] as its head says (`RewardHead.unit`); `default` when unscored."""
         if score is None or self.scorer is None or not np.isfinite(score):
             return default
-        low = getattr(self.scorer, "low", 0.0)
-        return (score - low) / (1.0 - low)
+        return self.scorer.head.unit(score)
+
+    def signed_value(self, score: float | None, default: float = 0.0) -> float:
+        """A reward-model score mapped to [-1, 1] (rStar-Math's Q; a PPM's own range); `default` when unscored."""
+        if score is None or self.scorer is None or not np.isfinite(score):
+            return default
+        return self.scorer.head.signed(score)
