@@ -212,6 +212,19 @@ def test_mcts_star_end_gate_rollout_and_answer(sandbox, grader, tiny_tokenizer):
     assert any(len(c) and all(len(r.path_texts) >= 1 for r in c) for c in env.propose.calls)
 
 
+def test_mcts_star_selects_answers_and_backs_them_up(sandbox, grader, tiny_tokenizer):
+    """ReST-MCTS*: answers compete in selection; an iteration that selects one (below the end gate) expands nothing
+    and backs up from it, so every iteration is an expansion or an answer's visit."""
+    env = make_env(sandbox, grader, tiny_tokenizer, ScriptedProposer(), scorer=toy_scorer("99"))  # no step hits
+    cfg = mcts_star.StarSearchConfig(mode="inference", iterations=12, branch=2)
+    [res] = mcts_star.search(env, [toy_problem(8)], [jax.random.key(0)], cfg)
+    v = res.tree.arrays
+    expanded = set(v["parent"][1:].tolist())
+    answer_visits = [int(v["visits"][i]) for i, n in enumerate(res.tree.nodes) if n["kind"] == "answer_terminal"]
+    assert not res.tree.meta["stopped_by_end_gate"] and v["visits"][0] == cfg.iterations
+    assert sum(answer_visits) > 0 and sum(answer_visits) == cfg.iterations - len(expanded)
+
+
 def toy_value_records(target: int) -> list[dict]:
     """Every path of the toy problem: value 1 for a step on the way to the right answer, 0 elsewhere."""
     records = []
