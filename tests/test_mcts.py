@@ -8,7 +8,7 @@ import pytest
 from rstar_jax.math.steps import StepRunner
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.params import init_params
-from rstar_jax.sampling import prepare_params
+from rstar_jax.sampling import Completion, prepare_params
 from rstar_jax.search import mcts, mcts_star
 from rstar_jax.search.batch_state import BatchCheckpoint
 from rstar_jax.search.policy import LMProposer, Request, Stats, StepEnv
@@ -71,6 +71,14 @@ def test_env_expand_dedupes_grades_scores_and_checks_step_length(sandbox, grader
     [row] = env.expand([req], 5, 1.0, grade=False, score=False, one_answer=True)
     assert [c.answer for c in row] == ["6"] and row[0].correct is None and row[0].score is None
     assert sum(env.stats.tokens.values()) == 2 * (1 + 2 + 3 + 4 + 5)
+    # rStar-Math keeps the first sample that stopped at <end_of_answer> and drops every other one, code too
+    mixed = ["<code>\nx = 3\n<end_of_step>", "<answer>\\boxed{7}<end_of_answer>", "<code>\nx = 4\n<end_of_step>",
+             "<answer>\\boxed{8}<end_of_answer>"]
+    env.propose = lambda reqs, num, temp: [[Completion(t, [7], "stop") for t in mixed] for _ in reqs]
+    [row] = env.expand([Request(0, p, (), (), jax.random.key(0))], 4, 1.0, grade=False, score=False, one_answer=True)
+    assert [c.text for c in row] == [mixed[1]]
+    [row] = env.expand([Request(0, p, (), (), jax.random.key(0))], 4, 1.0, grade=False, score=False)
+    assert [c.text for c in row] == mixed  # ReST-MCTS* and the baselines keep every distinct sample
     short = StepEnv(ScriptedProposer(), StepRunner(sandbox.run, 6), tiny_tokenizer, grader, step_len=8)
     [row] = short.expand([Request(0, p, (), (), jax.random.key(0))], 1, 1.0, grade=False, score=False)
     assert row[0].kind.value == "invalid" and "step buffer 8" in row[0].reason and len(row[0].token_ids) == 8

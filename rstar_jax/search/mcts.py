@@ -3,10 +3,11 @@
 A rollout is one descent from the root that expands as it goes (rStar-Math's code): `select` from the root
 to a childless node, expand it with K candidates, then `select` again from that node (so among its new
 children) and expand, until the descent can expand nothing more (every child terminal, the depth limit,
-the tree full). Answer terminals are backed up to the root as soon as they are created; the descent then
-continues below a non-terminal sibling, as in rStar-Math. All B problems advance in lockstep: one
-`select` / `gather_path` / `expand` / `backup` call and one policy call per level for the whole batch;
-a problem whose descent has ended sits out the rest of that rollout.
+the tree full). Answer terminals are backed up to the root as soon as they are created. An expansion with an
+answer among its samples keeps that answer alone (rStar-Math's rule, `StepEnv.expand(one_answer=True)`), so its
+node is then exhausted and the descent ends there. All B problems advance in lockstep: one `select` /
+`gather_path` / `expand` / `backup` call and one policy call per level for the whole batch; a problem whose
+descent has ended sits out the rest of that rollout.
 
 Modes (what the gold answer and the reward model are used for):
 * terminal:  answer terminals get +1 / -1 from the gold answer; new nodes start with no value (rounds 1-2).

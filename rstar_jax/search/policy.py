@@ -25,7 +25,7 @@ import numpy as np
 
 from rstar_jax.data import Problem
 from rstar_jax.math.grading import Grader
-from rstar_jax.math.steps import STOP_STRINGS, StepKind, StepRunner, build_prompt
+from rstar_jax.math.steps import ANSWER_END, STOP_STRINGS, StepKind, StepRunner, build_prompt
 from rstar_jax.models.heads import RewardHead
 from rstar_jax.sampling import Completion, SamplingConfig, generate
 
@@ -173,7 +173,9 @@ class StepEnv:
         """`num` candidates per request -> the kept children (identical texts removed).
 
         grade: check answers against `problem.answer`; score: reward-model score of every kept child;
-        one_answer: keep only the first answer terminal of each request (rStar-Math's MCTS).
+        one_answer: rStar-Math's MCTS rule: when a request's samples include one that stopped at `<end_of_answer>`,
+        the first of them is its only child and every other sample is dropped before it runs (microsoft/rStar,
+        branch rStar-math, rstar_deepthink/llms/llms.py:32-44).
         """
         if not requests:
             return []
@@ -190,6 +192,9 @@ class StepEnv:
                 self.stats.tokens[req.problem.id] += len(c.token_ids)
                 if c.text not in seen:
                     seen[c.text] = len(c.token_ids)
+            if one_answer:
+                answer = next((t for t in seen if t.rstrip().endswith(ANSWER_END)), None)
+                seen = seen if answer is None else {answer: seen[answer]}
             texts.append(list(seen))
             counts.append(list(seen.values()))
         with self.stats.timed("sandbox"):
@@ -197,14 +202,9 @@ class StepEnv:
         rows: list[list[Child]] = []
         for req, outs, ns in zip(requests, outcomes, counts):
             row: list[Child] = []
-            has_answer = False
             for out, n in zip(outs, ns):
                 if out.program:
                     self.stats.programs[req.problem.id] += 1
-                if out.kind == StepKind.ANSWER_TERMINAL:
-                    if has_answer and one_answer:
-                        continue
-                    has_answer = True
                 ids = self.encode(out.text)
                 kind, reason = out.kind, out.reason
                 if len(ids) > self.step_len:
