@@ -187,12 +187,13 @@ def test_round_schedule_is_rstar_maths_by_default_and_a_config_list(tmp_path):
     assert [main_job.search.mode(k) for k in range(1, main_job.rounds + 1)] == ["terminal", "terminal"]
     long_run, _ = load_evolve_config(REPO / "configs" / "evolve" / "smollm2-135m_cpu_4rounds.yaml")
     assert [long_run.search.mode(k) for k in range(1, long_run.rounds + 1)] == ["terminal", "terminal", "ppm", "ppm"]
-    custom, _ = load_evolve_config(REPO / "configs" / "evolve" / "smollm2-135m_cpu.yaml", ["search.modes=[terminal, ppm]"])
+    main_config = REPO / "configs" / "evolve" / "smollm2-135m_cpu.yaml"
+    custom, _ = load_evolve_config(main_config, ["search.modes=[terminal, ppm]"])
     assert custom.search.mode(2) == "ppm"
     with pytest.raises(RunConfigError, match=r"search.modes=\['ppm'\] must start with terminal"):
-        load_evolve_config(REPO / "configs" / "evolve" / "smollm2-135m_cpu.yaml", ["search.modes=[ppm]"])
+        load_evolve_config(main_config, ["search.modes=[ppm]"])
     with pytest.raises(RunConfigError, match="search.modes: 'mcts' is not one of 'terminal', 'ppm'"):
-        load_evolve_config(REPO / "configs" / "evolve" / "smollm2-135m_cpu.yaml", ["search.modes=[terminal, mcts]"])
+        load_evolve_config(main_config, ["search.modes=[terminal, mcts]"])
 
 
 def test_evolve_config_errors_are_one_line(tmp_path, capsys):

@@ -139,7 +139,8 @@ def test_reward_model_export_matches_transformers_token_classification(tiny_hf_f
         "weight": 0.3 * jax.random.normal(key_w, (num_labels, m.cfg.hidden_size)),
         "bias": 0.3 * jax.random.normal(key_b, (num_labels,)),
     }
-    out = save_reward_model(tmp_path / "rm", m.cfg, m.params, m.tokenizer, RewardHead("ppm" if num_labels == 1 else "prm"))
+    head = RewardHead("ppm" if num_labels == 1 else "prm")
+    out = save_reward_model(tmp_path / "rm", m.cfg, m.params, m.tokenizer, head)
     hf = transformers.AutoModelForTokenClassification.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == ("Llama" if arch == "llama" else "Qwen2") + "ForTokenClassification"
     assert hf.config.num_labels == num_labels
@@ -150,7 +151,7 @@ def test_reward_model_export_matches_transformers_token_classification(tiny_hf_f
     assert _max_diff(ours, ref, mask) <= 1e-4
 
     again = load_model(str(out))  # the label count and the head kind are read back from the exported config
-    assert again.num_labels == num_labels and again.head == RewardHead("ppm" if num_labels == 1 else "prm")
+    assert again.num_labels == num_labels and again.head == head
     _assert_bitwise_equal(again.params, m.params)
 
 

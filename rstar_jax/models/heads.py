@@ -62,7 +62,8 @@ class RewardHead:
         if not (math.isfinite(self.ppm_scale) and self.ppm_scale > 0):
             raise HeadError(f"reward head ppm_scale={self.ppm_scale!r}: must be a finite number > 0")
         if self.input_format not in INPUT_FORMATS:
-            raise HeadError(f"reward head input_format {self.input_format!r}: must be one of {', '.join(INPUT_FORMATS)}")
+            raise HeadError(f"reward head input_format {self.input_format!r}: must be one of "
+                            f"{', '.join(INPUT_FORMATS)}")
 
     @property
     def num_labels(self) -> int:
