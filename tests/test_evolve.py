@@ -2,7 +2,8 @@
 
 The policy's sampler is replaced (in the child process only) by a scripted proposer that offers each synthetic
 problem's next reference step and, at the first step, a guess that ends in a wrong answer, so the trees hold correct
-and wrong trajectories and every stage has data; everything else (sandbox, grading, MCTS, labelling, training, export, evaluation, report) is real.
+and wrong trajectories and every stage has data; everything else (sandbox, grading, MCTS, labelling, training,
+export, evaluation, report) is real.
 """
 
 from __future__ import annotations

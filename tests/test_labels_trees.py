@@ -126,10 +126,12 @@ def test_ppm_filters_gap_and_edit_distance_but_keep_counts():
                   (0, "c", I, 0.9, None), (3, near, A, 1.0, True), (3, near.replace("5", "6"), A, -1.0, False)])
     counts = Counter()
     records = step_pairs(tree, PairConfig(), counts)
-    # root: good c (.9), a (.3); bad b (-.1), c (.9: a wrong answer below too) -> (c, c), (a, b), (a, c) fail the gap
+    # root: good c (.9), a (.3); bad b (-.1), c (.9: a wrong answer below too) -> (a, b), (a, c) fail the gap and
+    # c is not paired with itself
     assert pairs_of(records) == [(0, 3, 2, 2, 2)]
-    assert counts == {"q_gap": 3, "edit_distance": 1}  # at c: the two answers differ by one character
+    assert counts == {"q_gap": 2, "edit_distance": 1}  # at c: the two answers differ by one character
     assert len(step_pairs(tree, PairConfig(min_gap=0.4, min_edit=1))) == 3
+    assert len(step_pairs(tree, PairConfig(min_gap=0.0, min_edit=0))) == 3  # equal Q is no preference
 
 
 def test_ppm_rejected_side_and_mean_q_of_the_continuations_as_rstar_math():

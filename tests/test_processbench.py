@@ -242,7 +242,7 @@ def test_rows_without_both_kinds_fail_before_scoring_naming_file_and_split(tmp_p
                                                 r"seed 0\): no correct rows \(label -1\)"):
         run_processbench(must_not_score, only_errors, tmp_path / "a")
     mixed = _subset(tmp_path, "mixed", [0, -1, 1, -1])
-    with pytest.raises(ProcessBenchError, match=r"errors.json \(calibration\): no correct rows \(label -1\) among its 4"):
+    with pytest.raises(ProcessBenchError, match=r"errors.json \(calibration\): no correct rows \(label -1\) among"):
         run_processbench(must_not_score, mixed, tmp_path / "b", calibration_path=only_errors)
     with pytest.raises(ProcessBenchError, match=r"errors.json \(subset math\): no correct rows"):
         run_official(must_not_score, OfficialProtocol(math=str(only_errors), threshold_from="fixed"), tmp_path / "c")

@@ -5,8 +5,9 @@ reference solutions of other synthetic problems, or a configured prompt); round 
 round's policy, in the mode `search.modes` gives it: rStar-Math's schedule is terminal-guided in rounds 1-2 and
 PPM-augmented (with the previous round's PPM) from round 3 on. A PPM round without a PPM (none could be trained)
 searches terminal-guided, and its state says so. From each round's trees come policy SFT data (top trajectories
-by mean step Q) and PPM preference pairs (`rstar_jax.labels`). The policy is fine-tuned from the base model every round (as in the
-paper), on every round's data so far unless `labels.accumulate` is off; the PPM is trained from the new policy.
+by mean step Q) and PPM preference pairs (`rstar_jax.labels`). The policy is fine-tuned from the base model every
+round (as in the paper), on every round's data so far unless `labels.accumulate` is off; the PPM is trained from
+the new policy.
 Every round (and the base model, as round 0) is evaluated on held-out problems that are never searched for
 training: greedy accuracy, MCTS in inference mode (no gold answer) with the round's PPM and, at the same budget,
 without it, and the PPM's accuracy on pairs from held-out training problems.

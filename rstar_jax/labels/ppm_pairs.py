@@ -106,11 +106,14 @@ Side = tuple[int, tuple[str, ...], float, float]
 
 def _pairs(chosen: Sequence[Side], rejected: Sequence[Side], base: dict[str, Any], prefix: tuple[str, ...],
            cfg: PairConfig, counts: Counter) -> list[dict[str, Any]]:
-    """Records for every (chosen, rejected) combination that passes the filters."""
+    """Records for every (chosen, rejected) combination that passes the filters (a node is never paired with itself;
+    the Q gap must also be positive, as rStar-Math's `step_margin > 0`)."""
     out = []
     for pos_node, pos, pos_q, pos_cont in chosen:
         for neg_node, neg, neg_q, neg_cont in rejected:
-            if pos_q - neg_q < cfg.min_gap:
+            if pos_node == neg_node:
+                continue
+            if not (pos_q > neg_q and pos_q - neg_q >= cfg.min_gap):
                 counts["q_gap"] += 1
             elif not pos_cont > neg_cont:
                 counts["mean_q"] += 1

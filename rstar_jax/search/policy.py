@@ -238,14 +238,13 @@ class StepEnv:
             rows[i][j] = dataclasses.replace(rows[i][j], score=float(s[-1]))
         return rows
 
+    def _scored(self, score: float | None) -> bool:
+        return score is not None and self.scorer is not None and bool(np.isfinite(score))
+
     def unit_value(self, score: float | None, default: float = 0.5) -> float:
         """A reward-model score mapped to [0, 1] as its head says (`RewardHead.unit`); `default` when unscored."""
-        if score is None or self.scorer is None or not np.isfinite(score):
-            return default
-        return self.scorer.head.unit(score)
+        return self.scorer.head.unit(score) if self._scored(score) else default
 
     def signed_value(self, score: float | None, default: float = 0.0) -> float:
         """A reward-model score mapped to [-1, 1] (rStar-Math's Q; a PPM's own range); `default` when unscored."""
-        if score is None or self.scorer is None or not np.isfinite(score):
-            return default
-        return self.scorer.head.signed(score)
+        return self.scorer.head.signed(score) if self._scored(score) else default
