@@ -91,7 +91,6 @@ class DataSection:
     seed: int = 0
     eval_fraction: float = 0.05  # held-out share of records (0: no eval)
     max_eval_batches: int = 8
-    prm_soft_labels: bool = True  # PRM targets: soft MC fractions, else hard (label >= 0.5)
 
     @property
     def micro_batch_size(self) -> int:

@@ -99,7 +99,10 @@ def build_tiny_hf_model(arch: str = "llama", tie: bool = False, num_labels: int 
 def tiny_hf_folder(tmp_path):
     """Factory: save a tiny random HF model plus the tiny tokenizer; returns (folder, torch model)."""
 
-    def make(arch="llama", tie=False, num_labels=None, seed=0, max_shard_size=None, dtype=None, name="hf"):
+    def make(arch="llama", tie=False, num_labels=None, seed=0, max_shard_size=None, dtype=None, name="hf", head=None):
+        """`head`: a RewardHead to record in config.json (a 1-label head says whether it is a PPM or a value model)."""
+        import json
+
         model = build_tiny_hf_model(arch, tie, num_labels, seed)
         if dtype is not None:
             model = model.to(dtype)
@@ -107,6 +110,9 @@ def tiny_hf_folder(tmp_path):
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(folder, **kwargs)
         build_tiny_tokenizer().save(folder)
+        if head is not None:
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps(config | head.to_hf()))
         return folder, model
 
     return make

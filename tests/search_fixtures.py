@@ -16,6 +16,7 @@ import numpy as np
 from rstar_jax.data import Problem
 from rstar_jax.math.steps import split_observation
 from rstar_jax.engine import Completion
+from rstar_jax.models.heads import RewardHead
 
 FIRST = ["<code>\nx = {}\n<end_of_step>".format(v) for v in (2, 3, 4, 5)] + ["<code>\nx = 1 / 0\n<end_of_step>"]
 SECOND = ["print(x * 2)\n<end_of_code>", "print(x + 1)\n<end_of_code>"]
@@ -67,7 +68,7 @@ def toy_scorer(good: str):
             out.append([0.0] * (len(steps) - 1) + [0.9 if hit else -0.5])
         return out
 
-    score.low = -1.0
+    score.head = RewardHead("ppm")
     return score
 
 

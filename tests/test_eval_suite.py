@@ -12,6 +12,7 @@ from rstar_jax.math.steps import build_prompt
 from rstar_jax.models.hf_io import load_model
 from rstar_jax.search import tree_io
 from rstar_jax.math.steps import StepKind
+from rstar_jax.models.heads import RewardHead
 from rstar_jax.search.policy import Child, RewardScorer
 
 SPEC = "synth:levels=1,n=2,seed=0"
@@ -81,7 +82,7 @@ def test_samples_file_follows_each_chain_through_interleaved_nodes(tmp_path):
 
 def test_eval_with_reward_model_reports_every_method_and_resumes(tiny_hf_folder, tmp_path, capsys):
     policy, _ = tiny_hf_folder()
-    rm, _ = tiny_hf_folder(num_labels=1, seed=1, name="rm")
+    rm, _ = tiny_hf_folder(num_labels=1, seed=1, name="rm", head=RewardHead("ppm"))
     out = tmp_path / "eval"
     argv = ["--model", str(policy), "--reward-model", str(rm), "--problems", SPEC, "--out", str(out), *SMALL]
     code, stdout, _ = _eval(capsys, *argv)
@@ -102,7 +103,7 @@ def test_eval_with_reward_model_reports_every_method_and_resumes(tiny_hf_folder,
     results = _lines(out / "samples" / "results.jsonl")
     assert [x["id"] for x in lines] == [r["id"] for r in results] and len(lines) == 2
     loaded = load_model(str(rm))
-    scorer = RewardScorer(loaded.params, loaded.cfg, loaded.tokenizer, loaded.num_labels)
+    scorer = RewardScorer(loaded.params, loaded.cfg, loaded.tokenizer, loaded.head)
     for line in lines:
         saved = tree_io.load(out / line["tree"])
         paths = _chains(saved)

@@ -1,8 +1,9 @@
 """`rstar-jax evolve` end to end on a tiny model: two rounds, killed with SIGKILL mid-search and mid-training, resumed.
 
 The policy's sampler is replaced (in the child process only) by a scripted proposer that offers each synthetic
-problem's next reference step and a wrong guess, so the trees hold correct and wrong trajectories and every stage
-has data; everything else (sandbox, grading, MCTS, labelling, training, export, evaluation, report) is real.
+problem's next reference step and, at the first step, a guess that ends in a wrong answer, so the trees hold correct
+and wrong trajectories and every stage has data; everything else (sandbox, grading, MCTS, labelling, training,
+export, evaluation, report) is real.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ CHILD = textwrap.dedent('''
     SLOW = os.environ.get("EVOLVE_TEST_SLOW") == "1"
 
     class Scripted:
-        """Next reference step of the problem, then a wrong guess; slowed down so the test can kill mid-search."""
+        """Next reference step of the problem; at the first step also a guess (a program printing a wrong number),
+        answered on the next step. Slowed down so the test can kill mid-search."""
 
         def __init__(self, *args, **kwargs):
             pass
@@ -47,8 +49,11 @@ CHILD = textwrap.dedent('''
                 steps = split_solution(r.problem.solution)
                 d = len(r.path_texts)
                 wrong = int(r.problem.answer) + 1
-                cands = ([steps[d]] if d < len(steps) else []) + [
-                    f"\\n<answer>I guess without computing anything: \\\\boxed{{{wrong}}}.<end_of_answer>"]
+                answer_guess = f"\\n<answer>So the guess is \\\\boxed{{{wrong}}}.<end_of_answer>"
+                if d and "guess" in r.path_texts[0] or d >= len(steps):
+                    cands = [answer_guess]
+                else:
+                    cands = [steps[d]] + ([f"<code>\\n# guess\\nprint({wrong})\\n<end_of_code>"] if d == 0 else [])
                 out.append([Completion(cands[i % len(cands)], [5] * 4, "stop") for i in range(num)])
             return out
 
@@ -75,8 +80,8 @@ def _write_config(tmp_path: Path, model: Path) -> Path:
     cfg = {
         "model": str(model), "rounds": 2, "seed": 0,
         "problems": {"train": "synth:levels=1,n=6,seed=0", "heldout": "synth:levels=1,n=3,seed=5"},
-        "search": {"rollouts": 2, "bootstrap_rollouts": 2, "candidates": 2, "max_depth": 5, "max_new_tokens": 8,
-                   "batch": 2, "few_shot": 0},
+        "search": {"modes": ["terminal", "ppm"], "rollouts": 2, "bootstrap_rollouts": 2, "candidates": 2,
+                   "max_depth": 5, "max_new_tokens": 8, "batch": 2, "few_shot": 0},
         "labels": {"ppm_heldout_fraction": 0.3},
         "eval": {"rollouts": 1, "candidates": 2, "max_depth": 5, "batch": 3},
         "policy_train": train, "ppm_train": train,
@@ -169,6 +174,27 @@ def test_evolve_two_rounds_killed_mid_search_and_mid_training_resumes(tiny_hf_fo
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "report:" in out
     assert json.loads((run / "report.json").read_text())["rounds"] == report
+
+
+def test_round_schedule_is_rstar_maths_by_default_and_a_config_list(tmp_path):
+    """rStar-Math: terminal-guided MCTS in rounds 1-2, PPM-augmented from round 3; the main job's 2 rounds are both
+    terminal-guided; the long-run config runs the paper's 4 rounds."""
+    from rstar_jax.config import RunConfigError
+    from rstar_jax.evolve.config import EvolveConfig, load_evolve_config
+
+    search = EvolveConfig().search
+    assert [search.mode(k) for k in range(1, 6)] == ["terminal", "terminal", "ppm", "ppm", "ppm"]
+    main_job, _ = load_evolve_config(REPO / "configs" / "evolve" / "smollm2-135m_cpu.yaml")
+    assert [main_job.search.mode(k) for k in range(1, main_job.rounds + 1)] == ["terminal", "terminal"]
+    long_run, _ = load_evolve_config(REPO / "configs" / "evolve" / "smollm2-135m_cpu_4rounds.yaml")
+    assert [long_run.search.mode(k) for k in range(1, long_run.rounds + 1)] == ["terminal", "terminal", "ppm", "ppm"]
+    main_config = REPO / "configs" / "evolve" / "smollm2-135m_cpu.yaml"
+    custom, _ = load_evolve_config(main_config, ["search.modes=[terminal, ppm]"])
+    assert custom.search.mode(2) == "ppm"
+    with pytest.raises(RunConfigError, match=r"search.modes=\['ppm'\] must start with terminal"):
+        load_evolve_config(main_config, ["search.modes=[ppm]"])
+    with pytest.raises(RunConfigError, match="search.modes: 'mcts' is not one of 'terminal', 'ppm'"):
+        load_evolve_config(main_config, ["search.modes=[terminal, mcts]"])
 
 
 def test_evolve_config_errors_are_one_line(tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rstar_jax.math.grading import (Grader, GradingError, as_number, extract_answer, gsm8k_answer, last_boxed,
-                                    last_number, quick_equivalent)
+                                    last_number, normalize, quick_equivalent)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MATH_DEV = SHARED / "data" / "math_dev.jsonl"
@@ -82,6 +82,19 @@ def test_host_fast_path_decides_numbers_without_math_verify():
     assert quick_equivalent("12", "12.0", 1e-6) is True
     assert quick_equivalent("12", "13", 1e-6) is False
     assert quick_equivalent(r"\sqrt{2}", "1.41421356", 1e-6) is None  # needs math-verify
+
+
+def test_no_false_positives_from_tolerance_or_spaces(grader):
+    # an integer gold is exact: the decimal tolerance is for rounded golds, float64 noise is still fine
+    assert quick_equivalent("1000000", "1000000.4", 1e-6) is False
+    assert quick_equivalent("3", "3.0000000000000004", 1e-6) is True
+    assert quick_equivalent("1/3", "0.3333333", 1e-6) is True
+    # a space between two digits separates two numbers; around operators it means nothing
+    assert normalize("1 2") != normalize("12") and normalize("x = 2") == normalize("x=2")
+    assert grader.equivalent("12", "1 2") is False and grader.equivalent("x=2", "x = 2") is True
+    # MATH writes text units around a time either way
+    assert grader.equivalent(r"\text{4:30 p.m.}", r"4:30 \text{ p.m.}") is True
+    assert grader.equivalent(r"\text{4:30 p.m.}", r"4:30 \text{ a.m.}") is False
 
 
 def test_bad_config():

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from rstar_jax.models.heads import reward_logits  # noqa: E402
+from rstar_jax.models.heads import RewardHead, reward_logits  # noqa: E402
 from rstar_jax.models.hf_io import convert, load_model, save_causal_lm, save_reward_model  # noqa: E402
 from rstar_jax.models.llama import causal_lm_logits  # noqa: E402
 from rstar_jax.models.params import to_hf_state_dict  # noqa: E402
@@ -139,7 +139,8 @@ def test_reward_model_export_matches_transformers_token_classification(tiny_hf_f
         "weight": 0.3 * jax.random.normal(key_w, (num_labels, m.cfg.hidden_size)),
         "bias": 0.3 * jax.random.normal(key_b, (num_labels,)),
     }
-    out = save_reward_model(tmp_path / "rm", m.cfg, m.params, m.tokenizer)
+    head = RewardHead("ppm" if num_labels == 1 else "prm")
+    out = save_reward_model(tmp_path / "rm", m.cfg, m.params, m.tokenizer, head)
     hf = transformers.AutoModelForTokenClassification.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == ("Llama" if arch == "llama" else "Qwen2") + "ForTokenClassification"
     assert hf.config.num_labels == num_labels
@@ -149,15 +150,15 @@ def test_reward_model_export_matches_transformers_token_classification(tiny_hf_f
     assert ours.shape == (2, 12, num_labels) and ref.std() > 0.1
     assert _max_diff(ours, ref, mask) <= 1e-4
 
-    again = load_model(str(out))  # the label count is read back from the exported config
-    assert again.num_labels == num_labels
+    again = load_model(str(out))  # the label count and the head kind are read back from the exported config
+    assert again.num_labels == num_labels and again.head == head
     _assert_bitwise_equal(again.params, m.params)
 
 
 def test_reward_model_from_transformers_loads_with_its_head(tiny_hf_folder):
     folder, model = tiny_hf_folder("llama", num_labels=2)
     m = load_model(str(folder))
-    assert m.num_labels == 2
+    assert m.num_labels == 2 and m.head == RewardHead("prm")  # two labels without a record: a PRM
     ids, mask = _batch(m.cfg.vocab_size)
     ours = reward_logits(m.params, m.cfg, ids.numpy(), mask.numpy())
     assert _max_diff(ours, _torch_logits(model, ids, mask), mask) <= 1e-4

@@ -100,7 +100,8 @@ def test_ppm_two_by_two_and_nodes_with_one_outcome_give_nothing():
     assert has_correct[[0, 1, 5]].all() and has_wrong[[0, 5, 8]].all() and not has_wrong[1] and not has_correct[8]
     records = step_pairs(tree)
     # root: best 2 reaching a correct answer (C .9, D .7; M .2 has both below, so it is on that side, third)
-    # vs worst 2 reaching only wrong ones (W -.9, V -.6); M: its two answers, one against one
+    # vs worst 2 reaching a wrong one (W -.9, V -.6; M is on this side too, but not among the worst 2);
+    # M: its two answers, one against one
     assert pairs_of(records) == [(0, 1, 8, 2, 2), (0, 1, 11, 2, 2), (0, 4, 8, 2, 2), (0, 4, 11, 2, 2),
                                  (5, 6, 7, 1, 1)]
     root, at_m = records[0], records[-1]
@@ -125,10 +126,32 @@ def test_ppm_filters_gap_and_edit_distance_but_keep_counts():
                   (0, "c", I, 0.9, None), (3, near, A, 1.0, True), (3, near.replace("5", "6"), A, -1.0, False)])
     counts = Counter()
     records = step_pairs(tree, PairConfig(), counts)
-    # root: good c (.9), a (.3); bad b (-.1), a single one -> c and a against b: (a, b) fails the gap
-    assert pairs_of(records) == [(0, 3, 2, 2, 1)]
-    assert counts == {"q_gap": 1, "edit_distance": 1}  # at c: the two answers differ by one character
+    # root: good c (.9), a (.3); bad b (-.1), c (.9: a wrong answer below too) -> (a, b), (a, c) fail the gap and
+    # c is not paired with itself
+    assert pairs_of(records) == [(0, 3, 2, 2, 2)]
+    assert counts == {"q_gap": 2, "edit_distance": 1}  # at c: the two answers differ by one character
     assert len(step_pairs(tree, PairConfig(min_gap=0.4, min_edit=1))) == 3
+    assert len(step_pairs(tree, PairConfig(min_gap=0.0, min_edit=0))) == 3  # equal Q is no preference
+
+
+def test_ppm_rejected_side_and_mean_q_of_the_continuations_as_rstar_math():
+    """rStar-Math's extra_rm_file.py: a child with a wrong answer below is a rejected candidate even when a correct
+    one is below it too, and a pair needs the chosen continuation's mean Q above the rejected one's."""
+    tree = build([
+        (0, "x", I, 0.5, None), (1, "p", I, -0.9, None), (2, "q", A, 0.2, True),  # 1-3: X, correct below
+        (0, "y", I, -0.2, None), (4, "r", I, 0.9, None), (5, "s", A, 0.5, False),  # 4-6: Y, wrong below
+        (0, "z", I, 0.9, None), (7, "t", A, 1.0, True),  # 7-8: Z, correct below
+        (0, "w", I, 0.3, None), (9, "u", A, 1.0, True), (9, "v", A, -1.0, False),  # 9-11: W, both below
+    ])
+    counts = Counter()
+    records = step_pairs(tree, PairConfig(), counts)
+    # root: chosen Z (.9), X (.5) of Z, X, W; rejected Y (-.2), W (.3). Continuations' mean Q: Z -> t .95,
+    # X -> p -> q (.5 - .9 + .2) / 3, Y -> r -> s .4, W -> v (the lowest child reaching a wrong answer) -.35.
+    # (X, Y): gap .7 but X's continuation is below Y's; (X, W): gap .2. W: u against v.
+    assert pairs_of(records) == [(0, 7, 4, 2, 2), (0, 7, 9, 2, 2), (9, 10, 11, 1, 1)]
+    assert counts == {"mean_q": 1, "q_gap": 1}
+    assert records[0]["pos_mean_q"] == pytest.approx(0.95) and records[0]["neg_mean_q"] == pytest.approx(0.4)
+    assert records[1]["neg_mean_q"] == pytest.approx(-0.35)
 
 
 def test_answer_step_pairs_are_whole_trajectories():

@@ -8,12 +8,15 @@ import pytest
 from rstar_jax.math.steps import StepRunner
 from rstar_jax.models.config import ModelConfig
 from rstar_jax.models.params import init_params
-from rstar_jax.engine import prepare
+from rstar_jax.engine import Completion, prepare
 from rstar_jax.search import mcts, mcts_star
 from rstar_jax.search.batch_state import BatchCheckpoint
 from rstar_jax.search.policy import LMProposer, Request, Stats, StepEnv
 from rstar_jax.search.tree import Tree
-from search_fixtures import ScriptedProposer, grader, sandbox, toy_problem, toy_scorer  # noqa: F401 (fixtures)
+from rstar_jax.math.steps import observation_text
+from rstar_jax.search.policy import question_prompt
+from search_fixtures import (FIRST, SECOND, ScriptedProposer, grader, sandbox, toy_problem,  # noqa: F401 (fixtures)
+                             toy_scorer)
 
 
 def make_env(sandbox, grader, tokenizer, proposer, scorer=None, max_depth=6):
@@ -68,6 +71,14 @@ def test_env_expand_dedupes_grades_scores_and_checks_step_length(sandbox, grader
     [row] = env.expand([req], 5, 1.0, grade=False, score=False, one_answer=True)
     assert [c.answer for c in row] == ["6"] and row[0].correct is None and row[0].score is None
     assert sum(env.stats.tokens.values()) == 2 * (1 + 2 + 3 + 4 + 5)
+    # rStar-Math keeps the first sample that stopped at <end_of_answer> and drops every other one, code too
+    mixed = ["<code>\nx = 3\n<end_of_step>", "<answer>\\boxed{7}<end_of_answer>", "<code>\nx = 4\n<end_of_step>",
+             "<answer>\\boxed{8}<end_of_answer>"]
+    env.propose = lambda reqs, num, temp: [[Completion(t, [7], "stop") for t in mixed] for _ in reqs]
+    [row] = env.expand([Request(0, p, (), (), jax.random.key(0))], 4, 1.0, grade=False, score=False, one_answer=True)
+    assert [c.text for c in row] == [mixed[1]]
+    [row] = env.expand([Request(0, p, (), (), jax.random.key(0))], 4, 1.0, grade=False, score=False)
+    assert [c.text for c in row] == mixed  # ReST-MCTS* and the baselines keep every distinct sample
     short = StepEnv(ScriptedProposer(), StepRunner(sandbox.run, 6), tiny_tokenizer, grader, step_len=8)
     [row] = short.expand([Request(0, p, (), (), jax.random.key(0))], 1, 1.0, grade=False, score=False)
     assert row[0].kind.value == "invalid" and "step buffer 8" in row[0].reason and len(row[0].token_ids) == 8
@@ -207,6 +218,63 @@ def test_mcts_star_end_gate_rollout_and_answer(sandbox, grader, tiny_tokenizer):
     assert t.arrays["visits"][x4] >= 2
     # roll-outs are greedy single samples and never enter the tree
     assert any(len(c) and all(len(r.path_texts) >= 1 for r in c) for c in env.propose.calls)
+
+
+def test_mcts_star_selects_answers_and_backs_them_up(sandbox, grader, tiny_tokenizer):
+    """ReST-MCTS*: answers compete in selection; an iteration that selects one (below the end gate) expands nothing
+    and backs up from it, so every iteration is an expansion or an answer's visit."""
+    env = make_env(sandbox, grader, tiny_tokenizer, ScriptedProposer(), scorer=toy_scorer("99"))  # no step hits
+    cfg = mcts_star.StarSearchConfig(mode="inference", iterations=12, branch=2)
+    [res] = mcts_star.search(env, [toy_problem(8)], [jax.random.key(0)], cfg)
+    v = res.tree.arrays
+    expanded = set(v["parent"][1:].tolist())
+    answer_visits = [int(v["visits"][i]) for i, n in enumerate(res.tree.nodes) if n["kind"] == "answer_terminal"]
+    assert not res.tree.meta["stopped_by_end_gate"] and v["visits"][0] == cfg.iterations
+    assert sum(answer_visits) > 0 and sum(answer_visits) == cfg.iterations - len(expanded)
+
+
+def toy_value_records(target: int) -> list[dict]:
+    """Every path of the toy problem: value 1 for a step on the way to the right answer, 0 elsewhere."""
+    records = []
+    for first, x in zip(FIRST, (2, 3, 4, 5)):
+        for second, out in zip(SECOND, (2 * x, x + 1)):
+            code_terminal = second + observation_text(str(out))
+            for answer in (out, 0):
+                steps = [first, code_terminal, f"<answer>\\boxed{{{answer}}}<end_of_answer>"]
+                values = [float(2 * x == target), float(out == target), float(answer == target)]
+                records.append({"prompt": question_prompt(toy_problem(target)), "steps": steps, "values": values})
+    return records
+
+
+def test_value_model_trained_on_0_and_1_reads_them_back_in_mcts_star(sandbox, grader, tiny_tokenizer, tmp_path):
+    """ReST-MCTS*'s value model (MSE on the raw output) is read as clip(raw, 0, 1): trained values of 0 and 1 come
+    back as about 0 and 1 (not tanh's 0.5 and 0.88), so a right answer passes the 0.9 end gate."""
+    from rstar_jax.jsonl import write_jsonl
+    from rstar_jax.models.hf_io import load_model
+    from rstar_jax.search.policy import RewardScorer
+    from rstar_jax.train import export_checkpoint, run_training
+    from train_fixtures import TINY
+
+    records = toy_value_records(8)
+    data = tmp_path / "value.jsonl"
+    write_jsonl(data, records)
+    run_training("value", "random", str(data), str(tmp_path / "run"),
+                 [*TINY, "data.seq_len=256", "data.layout=bucket", "train.max_steps=300", "train.save_every=1000",
+                  "optim.learning_rate=3e-3"])
+    vm = load_model(str(export_checkpoint(tmp_path / "run", tmp_path / "vm")))
+    assert vm.head.kind == "value"
+    scorer = RewardScorer(vm.params, vm.cfg, vm.tokenizer, vm.head)
+    env = make_env(sandbox, grader, tiny_tokenizer, ScriptedProposer(), scorer=scorer)
+    cfg = mcts_star.StarSearchConfig(mode="inference", iterations=12, branch=5)
+    [res] = mcts_star.search(env, [toy_problem(8)], [jax.random.key(0)], cfg)
+    t = res.tree
+    want = {tuple(r["steps"][: k + 1]): v for r in records for k, v in enumerate(r["values"])}
+    scored = [i for i, n in enumerate(t.nodes) if n.get("score") is not None]
+    assert len(scored) >= 5
+    for i in scored:  # the value each node entered the tree with is the model's reading of the trained target
+        path = mcts.path_texts(t.nodes, t.arrays["parent"], i)
+        assert abs(float(t.arrays["first_value"][i]) - want[path]) < 0.05, (path[-1], t.arrays["first_value"][i])
+    assert t.meta["stopped_by_end_gate"] and res.answer == "8"
 
 
 def test_tiny_random_lm_runs_through_the_tree(sandbox, grader, tiny_tokenizer):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rstar_jax.models.config import ConfigError, ModelConfig
-from rstar_jax.models.heads import gather_positions, reported_value, reward_logits, step_probability
+from rstar_jax.models.heads import HEAD_KINDS, RewardHead, gather_positions, reward_logits
 from rstar_jax.models.llama import causal_lm_logits, forward, lm_head, positions_from_mask
 from rstar_jax.models.params import from_hf_state_dict, init_params, logical_axes, to_hf_state_dict
 
@@ -69,8 +69,10 @@ def test_reward_heads(params):
         assert out.shape == (2, 10, c)
         at = gather_positions(out, jnp.asarray([[3, 9], [0, 6]]))
         np.testing.assert_array_equal(at[1, 1], out[1, 6])
-    assert float(jnp.max(jnp.abs(reported_value(100 * out[..., 0])))) <= 1.0
-    assert jnp.all((step_probability(out) >= 0) & (step_probability(out) <= 1))
+        for kind in [k for k, labels in HEAD_KINDS.items() if labels == c]:
+            head = RewardHead(kind)
+            score = head.read(100 * out)
+            assert score.shape == (2, 10) and jnp.all((score >= head.low) & (score <= 1.0)), kind
 
 
 def test_hf_state_dict_roundtrip_is_bitwise_and_axes_cover_every_leaf(params):

@@ -1,4 +1,5 @@
-"""ProcessBench: the official metric, threshold calibration, diagnostics, and a real reward model end to end."""
+"""ProcessBench: the official metric, threshold calibration, the published protocol (one threshold, four subsets),
+diagnostics, a real reward model end to end, and a Qwen2.5-Math-PRM folder in its own input format."""
 
 import json
 from pathlib import Path
@@ -9,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rstar_jax.evaluate.processbench import (ProcessBenchError, Row, best_threshold, candidate_thresholds,
-                                             diagnostics, first_error, load_rows, processbench_metrics,
-                                             run_processbench, split_calibration, sweep)
+from rstar_jax.evaluate.processbench import (OfficialProtocol, ProcessBenchError, Row, best_threshold,
+                                             candidate_thresholds, diagnostics, first_error, load_rows,
+                                             processbench_metrics, run_official, run_processbench, split_calibration,
+                                             sweep)
 
 SHARED_PB = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench_gsm8k.json"
 
@@ -146,10 +148,11 @@ def test_bad_rows_are_one_line_errors(tmp_path):
         load_rows(bad)
 
 
-@pytest.mark.parametrize("num_labels", [2, 1])  # PRM head (P(correct)) and PPM / value head (tanh)
+@pytest.mark.parametrize("num_labels", [2, 1])  # PRM head (P(correct)) and PPM head (tanh(raw / 5))
 def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels):
     from rstar_jax.math.steps import build_prompt
     from rstar_jax.models.config import ModelConfig
+    from rstar_jax.models.heads import RewardHead
     from rstar_jax.models.hf_io import save_reward_model
     from rstar_jax.models.params import init_params
     from rstar_jax.reward import score_steps
@@ -157,7 +160,8 @@ def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels)
     cfg = ModelConfig(model_type="llama", vocab_size=420, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048)
     params = init_params(cfg, jax.random.key(0), num_labels=num_labels, std=0.3)
-    folder = save_reward_model(tmp_path / "prm", cfg, params, tiny_tokenizer)
+    head = RewardHead("prm" if num_labels == 2 else "ppm")
+    folder = save_reward_model(tmp_path / "prm", cfg, params, tiny_tokenizer, head)
     all_rows = sorted(load_rows(_pb_file(tmp_path)), key=lambda r: len(r.problem) + sum(map(len, r.steps)))
     rows = [r for r in all_rows if r.label != -1][:8] + [r for r in all_rows if r.label == -1][:8]  # shortest
     data = tmp_path / "subset.jsonl"
@@ -168,7 +172,7 @@ def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels)
     assert sorted(p["id"] for p in preds) == sorted(r.id for r in rows)
     # the written scores are the reward model's reported scores read at each step's end
     r0 = next(r for r in rows if r.id == preds[0]["id"])
-    want = score_steps(params, cfg, tiny_tokenizer, [(build_prompt(r0.problem), ["\n" + s for s in r0.steps])])[0]
+    want = score_steps(params, cfg, tiny_tokenizer, head, [(build_prompt(r0.problem), ["\n" + s for s in r0.steps])])[0]
     np.testing.assert_allclose(preds[0]["scores"], want, atol=1e-5)
     ev = [p for p in preds if p["split"] == "eval"]
     fixed = processbench_metrics([p["label"] for p in ev], [p["prediction"] for p in ev])
@@ -178,3 +182,109 @@ def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels)
         from rstar_jax.models.hf_io import save_causal_lm
         run_processbench(str(save_causal_lm(tmp_path / "lm", cfg, init_params(cfg, jax.random.key(1)), tiny_tokenizer)),
                          data, tmp_path / "out2")
+
+
+def _subset(tmp_path: Path, name: str, labels: list[int]) -> Path:
+    rows = [{"id": f"{name}-{i}", "problem": f"{name} problem {i}", "steps": ["a", "b", "c"], "label": lab}
+            for i, lab in enumerate(labels)]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_official_protocol_one_threshold_for_every_subset_and_the_unweighted_mean(tmp_path):
+    """The published protocol: the threshold is the best on GSM8K (here an oracle's, 0.5), then fixed for every
+    subset; a subset the scorer knows nothing about (constant 0.9: every row predicted correct) gets F1 0, and the
+    average is the plain mean over subsets, not over rows."""
+    gsm8k = _pb_file(tmp_path)
+    rows = load_rows(gsm8k)
+    labels = {(r.problem, r.steps): r.label for r in rows}
+    math_file = _subset(tmp_path, "math", [0, 2, 1, -1, -1])
+
+    def scorer(items):
+        out = []
+        for problem, steps in items:
+            label = labels.get((problem, tuple(steps)))
+            out.append([0.9] * len(steps) if label is None else
+                       [0.0 if label != -1 and i >= label else 1.0 for i in range(len(steps))])
+        return out
+
+    report = run_official(scorer, OfficialProtocol(gsm8k=str(gsm8k), math=str(math_file)), tmp_path / "out")
+    assert report["threshold"] == 0.5 and report["threshold_from"] == "gsm8k"
+    n_err = sum(r.label != -1 for r in rows)
+    assert report["subsets"]["gsm8k"] == {"data": str(gsm8k), "error_acc": 100.0, "correct_acc": 100.0, "f1": 100.0,
+                                          "n_error": n_err, "n_correct": len(rows) - n_err}
+    assert report["subsets"]["math"] == {"data": str(math_file), "error_acc": 0.0, "correct_acc": 100.0, "f1": 0.0,
+                                         "n_error": 3, "n_correct": 2}
+    assert report["average"] == {"error_acc": 50.0, "correct_acc": 100.0, "f1": 50.0, "subsets": 2}
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| math | 5 | 0.0 | 100.0 | 0.0 |" in table and "| average of 2 | | 50.0 | 100.0 | 50.0 |" in table
+    preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(rows) + 5 and {p["split"] for p in preds} == {"gsm8k", "math"}
+
+    # a fixed threshold (0.5, a PRM's P(correct)): a constant 0.3 flags every first step
+    def constant(items):
+        return [[0.3] * len(steps) for _, steps in items]
+
+    fixed = run_official(constant, OfficialProtocol(math=str(math_file), threshold_from="fixed"), tmp_path / "fixed")
+    assert fixed["threshold"] == 0.5 and list(fixed["subsets"]) == ["math"]
+    assert fixed["subsets"]["math"]["error_acc"] == pytest.approx(100 / 3) and fixed["average"]["f1"] == 0.0
+    with pytest.raises(ProcessBenchError, match="threshold_from gsm8k needs the gsm8k subset"):
+        OfficialProtocol(math=str(math_file))
+
+
+def test_rows_without_both_kinds_fail_before_scoring_naming_file_and_split(tmp_path):
+    def must_not_score(items):
+        raise AssertionError("scored")
+
+    only_errors = _subset(tmp_path, "errors", [0, 1, 2, 0])
+    with pytest.raises(ProcessBenchError, match=r"errors.json \(calibration split: calibration_fraction 0.5, "
+                                                r"seed 0\): no correct rows \(label -1\)"):
+        run_processbench(must_not_score, only_errors, tmp_path / "a")
+    mixed = _subset(tmp_path, "mixed", [0, -1, 1, -1])
+    with pytest.raises(ProcessBenchError, match=r"errors.json \(calibration\): no correct rows \(label -1\) among"):
+        run_processbench(must_not_score, mixed, tmp_path / "b", calibration_path=only_errors)
+    with pytest.raises(ProcessBenchError, match=r"errors.json \(subset math\): no correct rows"):
+        run_official(must_not_score, OfficialProtocol(math=str(only_errors), threshold_from="fixed"), tmp_path / "c")
+
+
+def test_a_qwen25_math_prm_folder_is_scored_in_its_own_format(tmp_path):
+    """Qwen2ForProcessRewardModel: chat template, every step followed by <extra_0>, P(correct) = softmax over the
+    two labels of its Linear-ReLU-Linear head at each separator; checked against the same computation in torch."""
+    torch = pytest.importorskip("torch")
+    import safetensors.torch
+
+    from conftest import build_tiny_hf_model, build_tiny_tokenizer
+    from rstar_jax.evaluate.processbench import reward_model_scorer
+    from rstar_jax.models.hf_io import load_model
+    from rstar_jax.reward import QWEN_PRM_SEPARATOR, QWEN_PRM_SYSTEM
+
+    backbone = build_tiny_hf_model("qwen2", num_labels=2, seed=3).model
+    gen = torch.Generator().manual_seed(4)
+    w0, b0 = 0.3 * torch.randn(64, 64, generator=gen), 0.3 * torch.randn(64, generator=gen)
+    w2, b2 = 0.3 * torch.randn(2, 64, generator=gen), 0.3 * torch.randn(2, generator=gen)
+    folder = tmp_path / "qwen-prm"
+    folder.mkdir()
+    state = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    state |= {"score.0.weight": w0, "score.0.bias": b0, "score.2.weight": w2, "score.2.bias": b2}
+    safetensors.torch.save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(backbone.config.to_dict()
+                                                   | {"architectures": ["Qwen2ForProcessRewardModel"]}))
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens([QWEN_PRM_SEPARATOR])
+    tok.save(folder)
+    assert load_model(str(folder)).head.input_format == "qwen-prm"
+
+    items = [("What is 12 + 30?", ["12 + 30 = 42.", "So the answer is 42."]), ("Paris?", ["The capital of France."])]
+    got = reward_model_scorer(str(folder))(items)
+    sep = tok.token_to_id(QWEN_PRM_SEPARATOR)
+    for (problem, steps), scores in zip(items, got):
+        chat = [{"role": "system", "content": QWEN_PRM_SYSTEM}, {"role": "user", "content": problem},
+                {"role": "assistant", "content": QWEN_PRM_SEPARATOR.join(steps) + QWEN_PRM_SEPARATOR}]
+        ids = torch.tensor([tok.encode(tok.apply_chat_template(chat, add_generation_prompt=False))])
+        with torch.no_grad():
+            h = backbone(input_ids=ids).last_hidden_state[0]
+            p = torch.softmax(torch.relu(h @ w0.T + b0) @ w2.T + b2, -1)[:, 1]
+        want = p[ids[0] == sep].numpy()
+        assert len(want) == len(steps)
+        np.testing.assert_allclose(scores, want, atol=1e-4)

@@ -8,6 +8,7 @@ import pytest
 from rstar_jax.models.hf_io import load_model
 from rstar_jax.search import tree_io
 from rstar_jax.search.batch_state import BatchCheckpoint
+from rstar_jax.models.heads import RewardHead
 from rstar_jax.search.policy import RewardScorer
 from rstar_jax.search.job import SearchJobError, run_search
 from rstar_jax.search.view import write_html
@@ -86,14 +87,14 @@ def test_search_baseline_and_bad_arguments(tiny_hf_folder, tmp_path):
     assert page.count("<details") == tree_io.load(tmp_path / "greedy" / rec["tree"]).num_nodes
     s = job(folder, tmp_path / "star", method="mcts-star", mode="inference", rollouts=2, limit=1)
     assert s["problems"] == 1 and s["solved_rate"] == 0.0 and not s["gold_used_in_search"]
-    rm, _ = tiny_hf_folder(num_labels=1, seed=1, name="rm")
+    rm, _ = tiny_hf_folder(num_labels=1, seed=1, name="rm", head=RewardHead("ppm"))
     s = job(folder, tmp_path / "bon", method="bon", reward_model=str(rm), samples=2, limit=1)
     rec = lines(tmp_path / "bon" / "results.jsonl")[0]
     assert s["problems"] == 1 and s["method"] == "bon" and rec["tokens"] > 0
     loaded = load_model(str(rm))
-    scorer = RewardScorer(loaded.params, loaded.cfg, loaded.tokenizer, loaded.num_labels)
+    scorer = RewardScorer(loaded.params, loaded.cfg, loaded.tokenizer, loaded.head)
     [scores] = scorer([("Q: 1 + 1?", ["x = 1 + 1\n<end_of_step>", "print(x)\n<end_of_code>"])])
-    assert scorer.low == -1.0 and len(scores) == 2 and all(-1 < v < 1 for v in scores) and scores[0] != scores[1]
+    assert scorer.head.low == -1.0 and len(scores) == 2 and all(-1 < v < 1 for v in scores) and scores[0] != scores[1]
     with pytest.raises(SearchJobError, match="not a reward model"):
         job(folder, tmp_path / "bon2", method="bon", reward_model=str(folder), limit=1)
     with pytest.raises(SearchJobError, match="another method"):

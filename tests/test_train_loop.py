@@ -44,13 +44,27 @@ def test_ppm_ranks_heldout_pairs(tmp_path):
     assert last["eval"]["correct"] >= 0.9
 
 
-@pytest.mark.parametrize("kind,extra", [("prm", ["data.prm_soft_labels=false"]), ("prm", []), ("value", [])])
-def test_step_reward_models_train(tmp_path, kind, extra):
+@pytest.mark.parametrize("kind", ["prm", "value"])
+def test_step_reward_models_train(tmp_path, kind):
     data = write_jsonl(tmp_path / f"{kind}.jsonl", step_records(kind, 64))
     run_training(kind, "random", str(data), str(tmp_path / "run"),
-                 [*FAST, "train.max_steps=30", "optim.learning_rate=3e-3", "data.layout=bucket", *extra])
+                 [*FAST, "train.max_steps=30", "optim.learning_rate=3e-3", "data.layout=bucket"])
     losses, _ = _train_losses(tmp_path / "run")
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+
+
+def test_prm_trains_on_the_labels_the_labeller_wrote(tiny_tokenizer):
+    """Hard MC labels at threshold 1 (Math-Shepherd): 1 correct completion of 8 is label 1 although its soft label
+    is 0.125. Training takes the record's labels; no second rounding rule can be switched on."""
+    from rstar_jax.config import DataSection, load_config
+    from rstar_jax.train.data import tokenize
+
+    rec = {"prompt": "Q: 2+3?\n", "steps": ["x = 2 + 3\n", "print(x)\n"], "labels": [1.0, 0.0],
+           "soft_labels": [0.125, 0.0], "hard_labels": [1, 0]}
+    [ex] = tokenize([rec], "prm", tiny_tokenizer, DataSection())
+    assert ex.targets[ex.weights > 0].tolist() == [1.0, 0.0]
+    with pytest.raises(RunConfigError, match="unknown config key 'data.prm_soft_labels'"):
+        load_config(["data.prm_soft_labels=false"])
 
 
 def test_bf16_remat_scan_track_fp32(tmp_path):

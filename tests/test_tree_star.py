@@ -11,17 +11,18 @@ import pytest
 from rstar_jax.search.tree import Expansion, Tree, TreeConfig, TreeError, expand, gather_path, new_tree
 from rstar_jax.search.tree_star import StarConfig, backup_star, rollout_update, select_star, star_scores
 
-ANS, NT = Tree.ANSWER, Tree.NOT_TERMINAL
+ANS, NT, INV = Tree.ANSWER, Tree.NOT_TERMINAL, Tree.INVALID
 
 
-def exp_values(values, terminal=None, tokens=None):
+def exp_values(values, terminal=None, tokens=None, valid=None):
     K = len(values)
     return Expansion(
         tokens_BxKxT=jnp.asarray([[[t] for t in (tokens or [0] * K)]], jnp.int32),
         token_len_BxK=jnp.ones((1, K), jnp.int32),
         terminal_BxK=jnp.asarray([terminal or [NT] * K], jnp.int8), reward_BxK=jnp.zeros((1, K)),
         correct_BxK=jnp.full((1, K), -1, jnp.int8), value_BxK=jnp.asarray([values], jnp.float32),
-        value_visit_BxK=jnp.zeros((1, K), bool), valid_BxK=jnp.ones((1, K), bool))
+        value_visit_BxK=jnp.zeros((1, K), bool),
+        valid_BxK=jnp.asarray([valid or [True] * K], bool))
 
 
 def with_stats(tree, visits, values):
@@ -45,10 +46,10 @@ def test_select_star_hand_computed():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
     _, leaf, ok = select_star(t, cfg)
     assert leaf.tolist() == [2] and ok.tolist() == [True]
-    # a larger unvisited bonus makes the unvisited child win; a terminal child is skipped
+    # a larger unvisited bonus makes the unvisited child win; an invalid child is skipped
     _, leaf, _ = select_star(t, StarConfig(unvisited_bonus=2.0))
     assert leaf.tolist() == [3]
-    _, leaf, _ = select_star(t.replace(terminal_BxN=t.terminal_BxN.at[0, 2].set(ANS)), cfg)
+    _, leaf, _ = select_star(t.replace(terminal_BxN=t.terminal_BxN.at[0, 2].set(INV)), cfg)
     assert leaf.tolist() == [3]
 
 
@@ -80,6 +81,36 @@ def test_backup_star_visit_weighted_hand_computed():
     t = backup_star(t, jnp.array([4]), jnp.array([True]))
     np.testing.assert_allclose(float(t.values()[0, 4]), 0.2)
     assert int(t.visits_BxN[0, 4]) == 1
+
+
+def test_invalid_children_do_not_drag_down_and_answers_are_selected_and_backed_up():
+    """The issue's node P: two invalid children and one child rolled to 0.8 is worth 0.8, not (0 + 0 + 0.8) / 3;
+    its unvisited answer child (V 0.6) wins the selection, is backed up, and then counts in P's mean."""
+    cfg = StarConfig()
+    t = new_tree(1, 8, 4, 1)
+    t, _ = expand(t, TreeConfig(invalid_reward=0.0), jnp.array([0]),  # P = 1
+                  exp_values([0.5, 0, 0, 0], valid=[True, False, False, False]))
+    t, _ = expand(t, TreeConfig(invalid_reward=0.0), jnp.array([1]),  # a = 2, b = 3 invalid; c = 4; d = 5 answer
+                  exp_values([0.0, 0.0, 0.6, 0.6], terminal=[INV, INV, NT, ANS]))
+    t = rollout_update(t, cfg, jnp.array([4]), jnp.array([1.0]), jnp.array([True]))  # c: 0.5 * 0.6 + 0.5 * 1
+    t = backup_star(t, jnp.array([1]), jnp.array([True]))
+    #                                     root  P    a  b  c    d
+    assert t.visits_BxN[0, :6].tolist() == [1, 1, 1, 1, 1, 0]
+    np.testing.assert_allclose(np.asarray(t.values()[0, :6]), [0.8, 0.8, 0, 0, 0.8, 0.6], rtol=1e-6)
+    # at P (1 visit, so no exploration term): c scores 0.8, unvisited d 0.6 + 1.0; a and b are never candidates
+    t, leaf, expandable = select_star(t, cfg)
+    assert leaf.tolist() == [5] and expandable.tolist() == [False]
+    t = backup_star(t, leaf, jnp.array([True]))
+    assert t.visits_BxN[0, :6].tolist() == [2, 2, 1, 1, 1, 1]
+    np.testing.assert_allclose(np.asarray(t.values()[0, :6]), [0.7, 0.7, 0, 0, 0.8, 0.6], rtol=1e-6)
+    # P's children all invalid: P is exhausted, not selected, and a backup through it keeps its own V
+    t2 = new_tree(1, 8, 2, 1)
+    t2, _ = expand(t2, TreeConfig(invalid_reward=0.0), jnp.array([0]), exp_values([0.4, 0.0], valid=[True, False]))
+    t2, _ = expand(t2, TreeConfig(invalid_reward=0.0), jnp.array([1]), exp_values([0.0, 0.0], terminal=[INV, INV]))
+    t2 = backup_star(t2, jnp.array([1]), jnp.array([True]))
+    np.testing.assert_allclose(np.asarray(t2.values()[0, :2]), [0.4, 0.4])
+    t2, leaf, expandable = select_star(t2, cfg)
+    assert leaf.tolist() == [0] and expandable.tolist() == [False] and int(t2.terminal_BxN[0, 1]) == Tree.EXHAUSTED
 
 
 def test_star_config_errors():

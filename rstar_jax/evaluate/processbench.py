@@ -8,15 +8,26 @@ Prediction (the official rule for step-score models): the first step whose score
 none is. Metric, as the official evaluation computes it: accuracy (%) on erroneous rows (exact index), accuracy on
 correct rows (prediction -1), and F1 = their harmonic mean (0 when both are 0).
 
-Threshold: chosen on a calibration set (a separate file, or a seeded `calibration_fraction` of the rows) to maximise
-F1, then fixed and applied to the evaluation rows; the best threshold on the evaluation rows themselves is reported
-as an upper bound. A NaN score (a step with no tokens) never counts as below the threshold.
+Threshold (`run_processbench`): chosen on a calibration set (a separate file, or a seeded `calibration_fraction` of
+the rows) to maximise F1, then fixed and applied to the evaluation rows; the best threshold on the evaluation rows
+themselves is reported as an upper bound. A NaN score (a step with no tokens) never counts as below the threshold.
+
+The published protocol (`run_official`, `OfficialProtocol`): ProcessBench's four subsets (gsm8k, math,
+olympiadbench, omnimath) scored with one threshold, the F1-maximising one on the GSM8K subset or a fixed one (0.5
+for a PRM's P(correct)), applied to every subset; each subset's error / correct accuracy and F1, and their
+unweighted mean over the subsets (the papers' "Avg. F1"), as Qwen's run_eval.py reports per split
+(QwenLM/ProcessBench, code/run_eval.py:117-130).
+
+Reward models: a project head reads the problem in the policy's prompt with each step after a newline; a
+Qwen2.5-Math-PRM folder reads its own chat format (steps joined by `<extra_0>`, `reward.encode_qwen_prm`). Either
+way the head's kind says how scores are read (`models.heads.RewardHead`).
 
 Diagnostics from Qwen's "Lessons of developing PRMs": accuracy on rows whose final answer is right but whose process
 is wrong (an outcome-reward model gets these wrong), and the share of solutions (>= 2 steps) whose lowest score is
 strictly at the last step (a PRM that behaves like an ORM puts it there).
 
-Outputs in `out_dir`: predictions.jsonl (per row: split, label, prediction, match, scores), report.json, report.md.
+Outputs in `out_dir`: predictions.jsonl (per row: split or subset, label, prediction, match, scores), report.json,
+report.md. Every set of rows is checked for both erroneous and correct rows before anything is scored.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -113,6 +124,43 @@ def split_calibration(rows: Sequence[Row], fraction: float, seed: int) -> tuple[
     return calib, [i for i in range(len(rows)) if u(rows[i].id) >= fraction]
 
 
+def require_both_kinds(rows: Sequence[Row], where: str) -> None:
+    """The F1 needs erroneous and correct rows: say which `where` (a file and its split) lacks, before any scoring."""
+    n_err = sum(r.label != -1 for r in rows)
+    if n_err in (0, len(rows)):
+        kind = "erroneous rows (label >= 0)" if n_err == 0 else "correct rows (label -1)"
+        raise ProcessBenchError(f"{where}: no {kind} among its {len(rows)} rows; error / correct accuracy and F1 "
+                                "need both")
+
+
+SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialProtocol:
+    """ProcessBench as published: one file per subset (empty: not evaluated) and where the one threshold comes from."""
+
+    gsm8k: str = ""
+    math: str = ""
+    olympiadbench: str = ""
+    omnimath: str = ""
+    threshold_from: Literal["gsm8k", "fixed"] = "gsm8k"  # best F1 on the GSM8K subset, or `threshold`
+    threshold: float = 0.5  # the fixed threshold (0.5 for a PRM's P(step correct))
+
+    def __post_init__(self):
+        if not self.subsets:
+            raise ProcessBenchError(f"processbench official protocol: give at least one of {', '.join(SUBSETS)}")
+        if self.threshold_from == "gsm8k" and not self.gsm8k:
+            raise ProcessBenchError("processbench official protocol: threshold_from gsm8k needs the gsm8k subset")
+        if not math.isfinite(self.threshold):
+            raise ProcessBenchError(f"processbench official protocol: threshold={self.threshold!r} must be finite")
+
+    @property
+    def subsets(self) -> dict[str, str]:
+        """Subset name -> file, in the papers' order."""
+        return {name: getattr(self, name) for name in SUBSETS if getattr(self, name)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Metric
 
@@ -195,7 +243,8 @@ def diagnostics(rows: Sequence[Row], scores: Sequence[Sequence[float]], preds: S
 
 
 def reward_model_scorer(spec: str, *, batch_size: int = 16, compute_dtype: Any = "float32") -> ScoreFn:
-    """A ScoreFn from a project reward model: the problem in the policy's prompt, each step after a newline."""
+    """A ScoreFn from a reward model folder: a project head reads the problem in the policy's prompt and each step
+    after a newline; a Qwen2.5-Math-PRM reads the raw problem and steps in its own chat format."""
     import jax.numpy as jnp
 
     from rstar_jax.math.steps import build_prompt
@@ -208,8 +257,9 @@ def reward_model_scorer(spec: str, *, batch_size: int = 16, compute_dtype: Any =
     dtype = jnp.dtype(compute_dtype)
 
     def score(items: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
-        formatted = [(build_prompt(p), [STEP_SEPARATOR + s for s in steps]) for p, steps in items]
-        return score_steps(model.params, model.cfg, model.tokenizer, formatted, batch_size=batch_size,
+        formatted = items if model.head.input_format == "qwen-prm" else [
+            (build_prompt(p), [STEP_SEPARATOR + s for s in steps]) for p, steps in items]
+        return score_steps(model.params, model.cfg, model.tokenizer, model.head, formatted, batch_size=batch_size,
                            compute_dtype=dtype)
 
     return score
@@ -246,10 +296,15 @@ def run_processbench(
     if calibration_path is not None:
         calib_rows, eval_rows = load_rows(calibration_path), rows
         calib_name = str(calibration_path)
+        require_both_kinds(calib_rows, f"{calibration_path} (calibration)")
+        require_both_kinds(eval_rows, f"{data_path} (eval)")
     else:
         calib_idx, eval_idx = split_calibration(rows, calibration_fraction, seed)
         calib_rows, eval_rows = [rows[i] for i in calib_idx], [rows[i] for i in eval_idx]
         calib_name = f"{calibration_fraction:g} of {data_path} (seed {seed})"
+        for split, part in (("calibration", calib_rows), ("eval", eval_rows)):
+            require_both_kinds(part, f"{data_path} ({split} split: calibration_fraction {calibration_fraction:g}, "
+                                     f"seed {seed})")
     score = reward_model if callable(reward_model) else reward_model_scorer(
         reward_model, batch_size=batch_size, compute_dtype=compute_dtype)
     calib_scores = score_rows(score, calib_rows, desc="processbench calibration")
@@ -261,7 +316,7 @@ def run_processbench(
     upper_threshold, upper = best_threshold(eval_rows, eval_scores)
     report = {
         "data": str(data_path),
-        "reward_model": reward_model if isinstance(reward_model, str) else getattr(reward_model, "__name__", "scorer"),
+        "reward_model": _model_name(reward_model),
         "calibration": {"source": calib_name, "rows": len(calib_rows), "threshold": threshold,
                         **dataclasses.asdict(calib_metrics)},
         "eval": {"rows": len(eval_rows), "threshold": threshold, **dataclasses.asdict(fixed)},
@@ -272,15 +327,70 @@ def run_processbench(
     return report
 
 
-def _write(out: Path, report: dict[str, Any], calib_rows, calib_scores, eval_rows, eval_scores, threshold) -> None:
+def run_official(
+    reward_model: str | ScoreFn,
+    protocol: OfficialProtocol,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    compute_dtype: Any = "float32",
+) -> dict[str, Any]:
+    """ProcessBench's published protocol (module docstring): every subset checked, scored, then one threshold for all;
+    writes outputs and returns the report."""
+    subsets = {name: load_rows(path) for name, path in protocol.subsets.items()}
+    for name, rows in subsets.items():
+        require_both_kinds(rows, f"{protocol.subsets[name]} (subset {name})")
+    score = reward_model if callable(reward_model) else reward_model_scorer(
+        reward_model, batch_size=batch_size, compute_dtype=compute_dtype)
+    scores = {name: score_rows(score, rows, desc=f"processbench {name}") for name, rows in subsets.items()}
+    if protocol.threshold_from == "gsm8k":
+        threshold = best_threshold(subsets["gsm8k"], scores["gsm8k"])[0]
+    else:
+        threshold = protocol.threshold
+    per = {name: dataclasses.asdict(processbench_metrics([r.label for r in rows],
+                                                         [first_error(s, threshold) for s in scores[name]]))
+           for name, rows in subsets.items()}
+    report = {
+        "protocol": "official", "reward_model": _model_name(reward_model),
+        "threshold": threshold, "threshold_from": protocol.threshold_from,
+        "subsets": {name: {"data": protocol.subsets[name], **m} for name, m in per.items()},
+        "average": {k: float(np.mean([m[k] for m in per.values()])) for k in ("error_acc", "correct_acc", "f1")}
+                   | {"subsets": len(per)},
+    }
+    out = Path(out_dir)
+    _write_predictions(out, [(name, rows, scores[name]) for name, rows in subsets.items()], threshold)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    source = "best F1 on the GSM8K subset" if protocol.threshold_from == "gsm8k" else "fixed"
+    lines = [f"# ProcessBench (official protocol): {report['reward_model']}", "",
+             f"One threshold {threshold:.4g} ({source}), applied to every subset.", "",
+             "| subset | rows | error acc | correct acc | F1 |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['n_error'] + m['n_correct']} | {m['error_acc']:.1f} | {m['correct_acc']:.1f} | "
+              f"{m['f1']:.1f} |" for name, m in per.items()]
+    a = report["average"]
+    lines += [f"| average of {a['subsets']} | | {a['error_acc']:.1f} | {a['correct_acc']:.1f} | {a['f1']:.1f} |", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return report
+
+
+def _model_name(reward_model: str | ScoreFn) -> str:
+    return reward_model if isinstance(reward_model, str) else getattr(reward_model, "__name__", "scorer")
+
+
+def _write_predictions(out: Path, parts: Sequence[tuple[str, Sequence[Row], Sequence[Sequence[float]]]],
+                       threshold: float) -> None:
+    """predictions.jsonl: a line per row of every (split or subset, rows, scores) part."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for split, rows, scores in (("calibration", calib_rows, calib_scores), ("eval", eval_rows, eval_scores)):
+        for split, rows, scores in parts:
             for r, s in zip(rows, scores):
                 pred = first_error(s, threshold)
                 f.write(json.dumps({"id": r.id, "split": split, "label": r.label, "prediction": pred,
                                     "match": pred == r.label, "final_answer_correct": r.final_answer_correct,
                                     "scores": s}) + "\n")
+
+
+def _write(out: Path, report: dict[str, Any], calib_rows, calib_scores, eval_rows, eval_scores, threshold) -> None:
+    _write_predictions(out, [("calibration", calib_rows, calib_scores), ("eval", eval_rows, eval_scores)], threshold)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     d = report["diagnostics"]
 

@@ -118,7 +118,7 @@ def _score_env(reward_model: str, dtype: str):
     if rm.num_labels is None:
         raise EvalSuiteError(f"--reward-model {reward_model!r}: not a reward model "
                              "(expected a *ForTokenClassification folder)")
-    scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.num_labels, compute_dtype=jnp.dtype(dtype))
+    scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.head, compute_dtype=jnp.dtype(dtype))
     return StepEnv(None, None, rm.tokenizer, None, step_len=0, scorer=scorer)
 
 

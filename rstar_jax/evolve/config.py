@@ -21,8 +21,11 @@ class ProblemsSection:
 
 @dataclasses.dataclass(frozen=True)
 class SearchSection:
-    """MCTS that generates the training trees (round 1 terminal-guided, later rounds PPM-augmented)."""
+    """MCTS that generates the training trees, in each round's mode (`modes`)."""
 
+    # round k searches in modes[k - 1] (the last entry for later rounds). rStar-Math's schedule: terminal-guided in
+    # rounds 1-2, while the PPM is not yet reliable; PPM-augmented from round 3 on, with the previous round's PPM
+    modes: tuple[Literal["terminal", "ppm"], ...] = ("terminal", "terminal", "ppm", "ppm")
     rollouts: int = 16
     bootstrap_rollouts: int = 8  # round 1 (rStar-Math's bootstrap round)
     candidates: int = 8
@@ -32,6 +35,10 @@ class SearchSection:
     batch: int = 8  # problems searched together
     few_shot: int = 2  # synthetic reference solutions prompting the base policy (SFT'd policies: zero-shot)
     prompt_file: str = ""  # a configured few-shot text for the base policy instead (relative to this file)
+
+    def mode(self, k: int) -> str:
+        """The search mode of round k (from 1)."""
+        return self.modes[min(k, len(self.modes)) - 1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +87,9 @@ class EvolveConfig:
                         ("labels.sft_per_problem", self.labels.sft_per_problem)):
             if v < 1:
                 raise RunConfigError(f"evolve config: {name}={v} must be >= 1")
+        if not self.search.modes or self.search.modes[0] != "terminal":
+            raise RunConfigError(f"evolve config: search.modes={list(self.search.modes)} must start with terminal "
+                                 "(round 1 has no PPM yet)")
         if not 0.0 <= self.labels.ppm_heldout_fraction < 1.0:
             raise RunConfigError(f"evolve config: labels.ppm_heldout_fraction={self.labels.ppm_heldout_fraction} "
                                  "must be in [0, 1)")

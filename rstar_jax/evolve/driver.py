@@ -1,10 +1,13 @@
 """`rstar-jax evolve`: rStar-Math's self-evolution rounds, resumable stage by stage.
 
 Round 1 searches the training problems with terminal-guided MCTS and the base policy (prompted with few-shot
-reference solutions of other synthetic problems, or a configured prompt); rounds 2..R use PPM-augmented MCTS with
-the previous round's policy and PPM. From each round's trees come policy SFT data (top trajectories by mean step Q)
-and PPM preference pairs (`rstar_jax.labels`). The policy is fine-tuned from the base model every round (as in the
-paper), on every round's data so far unless `labels.accumulate` is off; the PPM is trained from the new policy.
+reference solutions of other synthetic problems, or a configured prompt); round k > 1 searches with the previous
+round's policy, in the mode `search.modes` gives it: rStar-Math's schedule is terminal-guided in rounds 1-2 and
+PPM-augmented (with the previous round's PPM) from round 3 on. A PPM round without a PPM (none could be trained)
+searches terminal-guided, and its state says so. From each round's trees come policy SFT data (top trajectories
+by mean step Q) and PPM preference pairs (`rstar_jax.labels`). The policy is fine-tuned from the base model every
+round (as in the paper), on every round's data so far unless `labels.accumulate` is off; the PPM is trained from
+the new policy.
 Every round (and the base model, as round 0) is evaluated on held-out problems that are never searched for
 training: greedy accuracy, MCTS in inference mode (no gold answer) with the round's PPM and, at the same budget,
 without it, and the PPM's accuracy on pairs from held-out training problems.
@@ -127,12 +130,13 @@ class Rounds:
 
     def search(self, d: Path, k: int, policy: dict[str, Any], ppm: dict[str, Any]) -> dict[str, Any]:
         s = self.cfg.search
-        mode = "ppm" if k > 1 and ppm["model"] is not None else "terminal"
+        mode = s.mode(k) if ppm["model"] is not None else "terminal"
         summary = self._search(d, policy["model"], self.cfg.problems.train, "mcts", few_shot=self.few_shot(policy),
                                seed=self.cfg.seed + k, reward_model=ppm["model"] if mode == "ppm" else None,
                                mode=mode, rollouts=s.bootstrap_rollouts if k == 1 else s.rollouts,
                                candidates=s.candidates, max_depth=s.max_depth, batch=s.batch)
-        return {"mode": mode, "policy": policy["model"], "ppm": ppm["model"], "coverage": summary["solved_rate"],
+        return {"mode": mode, "scheduled_mode": s.mode(k), "policy": policy["model"], "ppm": ppm["model"],
+                "coverage": summary["solved_rate"],
                 "problems": summary["problems"], "tokens": round(summary["tokens_per_problem"] * summary["problems"]),
                 "summary": summary}
 
@@ -256,6 +260,6 @@ def _pair_accuracy(ppm: str, heldout: Path, dtype: str) -> dict[str, Any]:
     pairs = read_jsonl(heldout)
     rm = load_model(ppm)
     items = [(p["prompt"], pair_steps(p, side)) for p in pairs for side in ("pos", "neg")]
-    scores = score_steps(rm.params, rm.cfg, rm.tokenizer, items, compute_dtype=dtype)
+    scores = score_steps(rm.params, rm.cfg, rm.tokenizer, rm.head, items, compute_dtype=dtype)
     wins = [scores[2 * i][-1] > scores[2 * i + 1][-1] for i in range(len(pairs))]
     return {"pairs": len(pairs), "accuracy": sum(wins) / len(wins)}

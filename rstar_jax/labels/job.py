@@ -7,7 +7,7 @@ and deterministic, so the file is written whole (to a temporary name, then renam
 Each job returns a summary, which the CLI prints as JSON:
     {"kind", "out", "problems", "trajectories", "records", "kept": {...}, "dropped": {reason: count}}
 sft:   kept problems; dropped problems by reason (no_answers, low_accuracy, no_correct)
-ppm:   kept step / answer pairs; dropped pairs by the filter that dropped them (q_gap, edit_distance)
+ppm:   kept step / answer pairs; dropped pairs by the filter that dropped them (q_gap, mean_q, edit_distance)
 value: kept records of correct / wrong trajectories; problems without a graded answer dropped (no_answers)
 """
 

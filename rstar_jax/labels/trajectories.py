@@ -64,10 +64,6 @@ def path_nodes(saved: SavedTree, node: int) -> tuple[int, ...]:
     return tuple(reversed(path))
 
 
-def is_invalid(saved: SavedTree, node: int) -> bool:
-    return saved.nodes[node]["kind"] == StepKind.INVALID.value
-
-
 def graded_answers(saved: SavedTree) -> list[int]:
     """Answer terminals with a known outcome, in node order."""
     correct_N = saved.arrays["correct"]

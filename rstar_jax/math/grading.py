@@ -4,7 +4,10 @@ Equivalence is decided in two tiers:
   1. On the host, without math-verify: identical strings after light normalisation, or two plain
      numbers (integers, decimals, `a/b`, `\\frac{a}{b}`, thousands commas, `$`, `%`, degrees)
      compared as exact rationals (so `0.75 == 3/4 == \\frac34`), with a relative tolerance
-     `rel_tol` only when a side is written as a decimal (`0.3333333 == 1/3`, but `10**8 != 10**8+1`).
+     `rel_tol` only when a side is written as a decimal and the gold is not an integer (`0.3333333 == 1/3`,
+     but `10**8 != 10**8+1` and `1000000 != 1000000.4`; an integer gold allows only float64 noise,
+     `FLOAT_NOISE`). rStar-Math's checker allows rel_tol 1e-4 for any numbers (microsoft/rStar,
+     branch rStar-math, utils/math_equal.py:268-275), which grades 1000000.4 correct against 1000000.
      Two plain numbers are decided here in both directions.
   2. Everything else goes to math-verify (gold first: `verify(parse(gold), parse(pred))`), each side
      wrapped in `\\boxed{}` so bare LaTeX is extracted. math-verify's own timeouts use SIGALRM, which
@@ -93,14 +96,22 @@ def extract_answer(text: str) -> str | None:
 # Host-side normalisation and numbers
 
 
-_STRIP_TOKENS = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\displaystyle", "\\$", "$", " ", "\n")
+_STRIP_TOKENS = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\displaystyle", "\\$", "$")
+_TEXT_RE = re.compile(r"\\(?:text|textrm|mbox|mathrm)\{([^{}]*)\}")
+_LONE_SPACE_RE = re.compile(r"(?<!\w) | (?!\w)")  # a space not between two word characters
 
 
 def normalize(answer: str) -> str:
-    """Light canonical form used for exact matching and vote bucketing (not for semantics)."""
-    s = answer.strip()
+    """Light canonical form used for exact matching and vote bucketing (not for semantics).
+
+    Text-mode wrappers are unwrapped (`4:30 \\text{ p.m.}` and `\\text{4:30 p.m.}` agree). Whitespace is dropped
+    except between two word characters, where it separates tokens: `1 2` is not `12`, `\\pi r` is not `\\pir`.
+    """
+    s = answer
     for tok in _STRIP_TOKENS:
         s = s.replace(tok, "")
+    s = " ".join(_TEXT_RE.sub(r"\1", s).split())
+    s = _LONE_SPACE_RE.sub("", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     return s.rstrip(".")
 
@@ -115,7 +126,6 @@ def as_number(answer: str) -> Fraction | None:
     s = normalize(answer)
     s = s.replace("\\%", "").replace("%", "")
     s = re.sub(r"\^\{?\\circ\}?$", "", s)
-    s = re.sub(r"^\\text\{([^{}]*)\}$", r"\1", s)
     if _DECIMAL_RE.fullmatch(s):
         return Fraction(s.replace(",", ""))
     m = _FRAC_RE.fullmatch(s)
@@ -126,6 +136,9 @@ def as_number(answer: str) -> Fraction | None:
     if m and int(m.group(2)) != 0:
         return Fraction(int(m.group(1)), int(m.group(2)))
     return None
+
+
+FLOAT_NOISE = 1e-12  # relative error a float64 program output may carry (0.1 * 3 * 10 prints 3.0000000000000004)
 
 
 def numbers_close(a: Fraction, b: Fraction, rel_tol: float) -> bool:
@@ -139,9 +152,11 @@ def quick_equivalent(gold: str, pred: str, rel_tol: float) -> bool | None:
     g, p = as_number(gold), as_number(pred)
     if g is None or p is None:
         return None
+    if g.denominator == 1:  # an integer gold is exact: a decimal can only differ from it by float noise
+        return numbers_close(g, p, FLOAT_NOISE)
     if "." in gold or "." in pred:  # a rounded decimal on either side: compare with tolerance
         return numbers_close(g, p, rel_tol)
-    return g == p  # integers and fractions are exact (big integers differ by less than rel_tol)
+    return g == p  # fractions are exact
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ Exported folders load in transformers with no custom code:
   * `save_causal_lm`    -> `LlamaForCausalLM` / `Qwen2ForCausalLM` (`AutoModelForCausalLM`).
   * `save_reward_model` -> `LlamaForTokenClassification` / `Qwen2ForTokenClassification`
     (`AutoModelForTokenClassification`) whose `score` head gives `logits[B, T, C]` at every position.
-    Read a step's score at the last token of the step: with C=1 (PPM / value head) the raw logit is the
-    trained output and `tanh(logit)` is the reported score in [-1, 1]; with C=2 (PRM) the score is
-    `softmax(logits)[..., 1]`, the probability that the step is correct.
+    Its config.json records the head's kind (`models.heads.RewardHead`: ppm, value or prm), which says how
+    a step's score is read from the logits at its last token; `load_model` reads the record back.
+Qwen2.5-Math-PRM folders (`Qwen2ForProcessRewardModel`, two-layer score head) load as PRMs for scoring.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import safetensors
 import safetensors.numpy
 
 from rstar_jax.models.config import ConfigError, ModelConfig
+from rstar_jax.models.heads import QWEN_PRM_ARCH, HeadError, RewardHead
 from rstar_jax.models.params import Params, from_hf_state_dict, layer_shapes, to_hf_state_dict, top_shapes
 from rstar_jax.models.registry import ModelLoadError, resolve
 from rstar_jax.models.tokenizer import Tokenizer, load_tokenizer
@@ -43,6 +44,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     path: Path  # the HF folder the model was read from
     num_labels: int | None = None  # C of the reward head; None for a causal LM
+    head: RewardHead | None = None  # how a saved reward model is read; None for a causal LM or a fresh head
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -64,8 +66,14 @@ def load_model(spec: str, *, dtype: Any = jnp.float32, num_labels: int | None = 
     except ConfigError as e:
         raise ModelLoadError(str(e)) from None
     fresh_head = num_labels is not None  # only an explicit request may start a score head from scratch
+    head = None
     if num_labels is None:
         num_labels = _saved_num_labels(hf_config)
+        if num_labels is not None:
+            try:
+                head = RewardHead.from_hf(hf_config, num_labels, str(folder / "config.json"))
+            except HeadError as e:
+                raise ModelLoadError(str(e)) from None
     tensors = read_weights(folder, dtype)
     if fresh_head and "score.weight" not in tensors:
         tensors["score.weight"] = np.zeros((num_labels, cfg.hidden_size), jnp.dtype(dtype))
@@ -79,8 +87,8 @@ def load_model(spec: str, *, dtype: Any = jnp.float32, num_labels: int | None = 
     if mesh is not None:
         from rstar_jax.sharding import place_params
 
-        return LoadedModel(cfg, place_params(params, mesh, min_shard_elements), tokenizer, folder, num_labels)
-    return LoadedModel(cfg, jax.tree.map(jnp.asarray, params), tokenizer, folder, num_labels)
+        return LoadedModel(cfg, place_params(params, mesh, min_shard_elements), tokenizer, folder, num_labels, head)
+    return LoadedModel(cfg, jax.tree.map(jnp.asarray, params), tokenizer, folder, num_labels, head)
 
 
 def read_weights(folder: Path, dtype: Any = jnp.float32) -> dict[str, np.ndarray]:
@@ -116,30 +124,35 @@ def read_weights(folder: Path, dtype: Any = jnp.float32) -> dict[str, np.ndarray
 
 
 def _params_from_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, num_labels: int | None, folder: Path) -> Params:
-    if num_labels is None and "score.weight" in tensors:
+    score_mlp = "score.0.weight" in tensors
+    if num_labels is None and ("score.weight" in tensors or score_mlp):
         raise ModelLoadError(f"{folder}: has a score head but no lm_head; load it as a reward model (num_labels)")
-    expected = set(_hf_keys(cfg, num_labels))
+    expected = set(_hf_keys(cfg, num_labels, score_mlp))
     # Tolerated leftovers: a duplicate of tied embeddings, a policy's lm_head under a new score head, RoPE buffers.
     droppable = {"lm_head.weight"} if (cfg.tie_word_embeddings or num_labels is not None) else set()
     unexpected = sorted(k for k in tensors if k not in expected | droppable and not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise ModelLoadError(f"{folder}: weights do not match config.json: unexpected tensor {unexpected[0]!r}")
     try:
-        return from_hf_state_dict(tensors, cfg, num_labels, source=f"{folder}: weights do not match config.json")
+        return from_hf_state_dict(tensors, cfg, num_labels, source=f"{folder}: weights do not match config.json",
+                                  score_mlp=score_mlp)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
 
 
 def _saved_num_labels(hf_config: dict[str, Any]) -> int | None:
-    if not any(str(a).endswith("ForTokenClassification") for a in hf_config.get("architectures") or []):
+    archs = [str(a) for a in hf_config.get("architectures") or []]
+    if QWEN_PRM_ARCH in archs:
+        return 2  # its head is built with 2 labels whatever config.json says
+    if not any(a.endswith("ForTokenClassification") for a in archs):
         return None
     id2label = hf_config.get("id2label")
     return len(id2label) if id2label else int(hf_config.get("num_labels", 2))
 
 
-def _hf_keys(cfg: ModelConfig, num_labels: int | None) -> list[str]:
+def _hf_keys(cfg: ModelConfig, num_labels: int | None, score_mlp: bool = False) -> list[str]:
     keys = [f"model.layers.{i}.{sub}" for i in range(cfg.num_hidden_layers) for sub in layer_shapes(cfg)]
-    return keys + list(top_shapes(cfg, num_labels))
+    return keys + list(top_shapes(cfg, num_labels, score_mlp))
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
@@ -166,14 +179,16 @@ def save_causal_lm(
 
 
 def save_reward_model(
-    out_dir: str | Path, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, *, overwrite: bool = False,
-    max_shard_bytes: int = _MAX_SHARD_BYTES,
+    out_dir: str | Path, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, head: RewardHead, *,
+    overwrite: bool = False, max_shard_bytes: int = _MAX_SHARD_BYTES,
 ) -> Path:
-    """Write a `*ForTokenClassification` folder; num_labels comes from the score head (see module doc)."""
-    if "score" not in params:
-        raise ModelLoadError(f"{out_dir}: params have no score head to export as a reward model")
+    """Write a `*ForTokenClassification` folder whose config.json records `head` (see module doc)."""
+    if "score" not in params or "weight" not in params["score"]:
+        raise ModelLoadError(f"{out_dir}: params have no linear score head to export as a reward model")
     num_labels = int(params["score"]["weight"].shape[0])
-    hf_config = cfg.to_hf_dict()
+    if num_labels != head.num_labels:
+        raise ModelLoadError(f"{out_dir}: a {head.kind} head has {head.num_labels} labels, the params {num_labels}")
+    hf_config = cfg.to_hf_dict() | head.to_hf()
     hf_config["architectures"] = [f"{_ARCH_NAMES[cfg.model_type]}ForTokenClassification"]
     hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
     hf_config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
@@ -183,8 +198,9 @@ def save_reward_model(
 def convert(spec: str, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """`rstar-jax convert`: any model spec in, an HF folder out, through the project's parameter tree."""
     m = load_model(spec)
-    save = save_causal_lm if m.num_labels is None else save_reward_model
-    return save(out_dir, m.cfg, m.params, m.tokenizer, overwrite=overwrite)
+    if m.head is None:
+        return save_causal_lm(out_dir, m.cfg, m.params, m.tokenizer, overwrite=overwrite)
+    return save_reward_model(out_dir, m.cfg, m.params, m.tokenizer, m.head, overwrite=overwrite)
 
 
 def _save(

@@ -11,6 +11,7 @@ Layout (nested dicts whose paths are the HF key with the layer index lifted out)
   model.norm.weight                      [D]
   lm_head.weight                         [V, D]        (absent when embeddings are tied)
   score.weight [C, D], score.bias [C]                  (reward head: HF *ForTokenClassification)
+  score.{0,2}.{weight,bias}                            (Qwen2ForProcessRewardModel's two-layer head, loaded only)
 
 Matrices keep HF's [out, in] orientation, so import/export is a key table plus stacking.
 """
@@ -71,10 +72,15 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def top_shapes(cfg: ModelConfig, num_labels: int | None = None) -> dict[str, tuple[int, ...]]:
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
-    if num_labels is not None:
-        shapes.update({"score.weight": (num_labels, cfg.hidden_size), "score.bias": (num_labels,)})
+def top_shapes(cfg: ModelConfig, num_labels: int | None = None, score_mlp: bool = False) -> dict[str, tuple[int, ...]]:
+    """`score_mlp`: Qwen2ForProcessRewardModel's score head, Linear(D, D) -> ReLU -> Linear(D, C) (read-only here)."""
+    D = cfg.hidden_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, D), "model.norm.weight": (D,)}
+    if num_labels is not None and score_mlp:
+        shapes.update({"score.0.weight": (D, D), "score.0.bias": (D,), "score.2.weight": (num_labels, D),
+                       "score.2.bias": (num_labels,)})
+    elif num_labels is not None:
+        shapes.update({"score.weight": (num_labels, D), "score.bias": (num_labels,)})
     elif not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     return shapes
@@ -111,7 +117,8 @@ def to_hf_state_dict(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def from_hf_state_dict(
-    tensors: dict[str, np.ndarray], cfg: ModelConfig, num_labels: int | None = None, source: str = "weights"
+    tensors: dict[str, np.ndarray], cfg: ModelConfig, num_labels: int | None = None, source: str = "weights",
+    score_mlp: bool = False,
 ) -> Params:
     """Inverse of `to_hf_state_dict`; a missing key or wrong shape names `source` and the key."""
     params: Params = {}
@@ -127,7 +134,7 @@ def from_hf_state_dict(
     for sub, shape in layer_shapes(cfg).items():
         rows = [take(f"model.layers.{i}.{sub}", shape) for i in range(cfg.num_hidden_layers)]
         set_path(params, "model.layers." + sub, np.stack(rows))
-    for key, shape in top_shapes(cfg, num_labels).items():
+    for key, shape in top_shapes(cfg, num_labels, score_mlp).items():
         set_path(params, key, take(key, shape))
     return params
 

@@ -180,7 +180,7 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
         if rm.num_labels is None:
             raise SearchJobError(f"--reward-model {settings['reward_model']!r}: not a reward model "
                                  "(expected a *ForTokenClassification folder)")
-        scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.num_labels, compute_dtype=compute_dtype)
+        scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.head, compute_dtype=compute_dtype)
     # tree searches: driver, and the config field counting their outer iterations (saved and shown one by one)
     tree_search = {"mcts": (mcts.search, "rollouts"), "mcts-star": (mcts_star.search, "iterations")}
     driver, outer = tree_search.get(settings["method"], (baselines.search, None))

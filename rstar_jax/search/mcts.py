@@ -3,10 +3,11 @@
 A rollout is one descent from the root that expands as it goes (rStar-Math's code): `select` from the root
 to a childless node, expand it with K candidates, then `select` again from that node (so among its new
 children) and expand, until the descent can expand nothing more (every child terminal, the depth limit,
-the tree full). Answer terminals are backed up to the root as soon as they are created; the descent then
-continues below a non-terminal sibling, as in rStar-Math. All B problems advance in lockstep: one
-`select` / `gather_path` / `expand` / `backup` call and one policy call per level for the whole batch;
-a problem whose descent has ended sits out the rest of that rollout.
+the tree full). Answer terminals are backed up to the root as soon as they are created. An expansion with an
+answer among its samples keeps that answer alone (rStar-Math's rule, `StepEnv.expand(one_answer=True)`), so its
+node is then exhausted and the descent ends there. All B problems advance in lockstep: one `select` /
+`gather_path` / `expand` / `backup` call and one policy call per level for the whole batch; a problem whose
+descent has ended sits out the rest of that rollout.
 
 Modes (what the gold answer and the reward model are used for):
 * terminal:  answer terminals get +1 / -1 from the gold answer; new nodes start with no value (rounds 1-2).
@@ -14,6 +15,8 @@ Modes (what the gold answer and the reward model are used for):
              (rStar's `node.update(value)`; rounds 3-4).
 * inference: no gold answer; the PPM scores answer terminals (their backed-up reward) and new nodes.
              Without a reward model every score is 0, so the pick below is a plain majority.
+Reward-model scores enter the tree in [-1, 1] (`StepEnv.signed_value`): a PPM's tanh(raw / 5) as it is read
+(`models/heads.py`), a value model's or PRM's [0, 1] score as 2 s - 1.
 
 The answer: among the answer terminals, the `top_n` with the highest Q vote, each weighted by (Q + 1) / 2,
 over equivalence classes (`answer`); the single highest-Q answer is reported too (`best_answer`).
@@ -185,11 +188,11 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
     def reward_of(ch: Child) -> float:
         if gold:
             return 1.0 if ch.correct else -1.0
-        return ch.score if ch.score is not None else 0.0
+        return env.signed_value(ch.score)
 
     def value_of(ch: Child) -> tuple[float, bool]:
         if score_nodes and ch.score is not None and ch.kind != StepKind.ANSWER_TERMINAL:
-            return ch.score, True
+            return env.signed_value(ch.score), True
         return 0.0, False
 
     for r in range(state.done, cfg.rollouts):

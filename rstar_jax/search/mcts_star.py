@@ -4,10 +4,12 @@ One iteration per problem, all problems in lockstep (defaults from the authors' 
 alpha 0.5, end gate 0.9, greedy roll-forward of 3 steps, temperature 0.7, unvisited bonus 1.0, values in
 [0, 1]):
 
-1. `select_star` from the root to a childless node (V + c * sqrt(2 ln N_parent / N); see tree_star.py).
+1. `select_star` from the root to a childless node (V + c * sqrt(2 ln N_parent / N); see tree_star.py). When
+   that node is an answer terminal, steps 2-4 are skipped: the iteration only backs up from it (step 5).
 2. Expand it with `branch` sampled candidate steps; each child's V starts at the value model's score
    mapped to [0, 1], with no visit. Answer terminals: in terminal mode V = 1 / 0 from the gold answer, in
-   inference mode the value model's score. Invalid steps: V = 0 (`TreeConfig.invalid_reward`).
+   inference mode the value model's score. Invalid steps: V = 0 (`TreeConfig.invalid_reward`); they are
+   leaves that neither selection nor backup reads.
 3. End gate: a problem stops searching once one of its answer terminals has V >= end_gate. (The paper stops
    on any node reaching the gate; a non-answer node there would still need a completion, so only answers
    stop the search here.)
@@ -15,7 +17,8 @@ alpha 0.5, end gate 0.9, greedy roll-forward of 3 steps, temperature 0.7, unvisi
    temperature 0), each scored like a child; the roll-out stops at a terminal. Then
    V <- (1 - alpha) V + alpha * max(roll-out values) on that child (`rollout_update`; a roll-out with no
    valid step leaves V as it is but still counts the visit). Roll-out steps are not added to the tree.
-5. `backup_star` from the expanded node to the root (visit-weighted means).
+5. `backup_star` from the expanded (or selected answer) node to the root (visit-weighted means over valid
+   children).
 
 Without a value model every non-terminal scores 0.5 (neutral), so selection is driven by the exploration
 term and the terminal values. The answer: the answer terminals vote with weight V over equivalence classes
@@ -38,7 +41,7 @@ from rstar_jax.search.batch_state import BatchCheckpoint, LoopState
 from rstar_jax.search.mcts import (MODES, ProblemResult, check_choice, check_nonnegative, check_positive,
                                    leaf_requests, pack, record_children, request_key, tree_result)
 from rstar_jax.search.policy import Child, Request, StepEnv
-from rstar_jax.search.tree import TreeConfig, expand, new_tree
+from rstar_jax.search.tree import Tree, TreeConfig, expand, new_tree
 from rstar_jax.search.tree_star import StarConfig, backup_star, rollout_update, select_star
 
 
@@ -96,7 +99,8 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
         with env.stats.timed("tree"):
             tree, leaf_B, expandable_B = select_star(tree, scfg)
             active = np.asarray(expandable_B) & ~done
-        if not active.any():
+            at_answer = np.asarray(tree.terminal_BxN[jnp.arange(B), leaf_B] == Tree.ANSWER) & ~done
+        if not (active | at_answer).any():
             break
         with env.stats.timed("tree"):
             requests = leaf_requests(tree, tcfg, leaf_B, active, problems, nodes, question_ids,
@@ -131,7 +135,7 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
             cur = tree.values()[jnp.arange(B), jnp.asarray(node_B)]
             best_v = jnp.where(jnp.asarray(np.isnan(best_B)), cur, jnp.asarray(np.nan_to_num(best_B)))
             tree = rollout_update(tree, scfg, jnp.asarray(node_B), best_v, jnp.asarray(rolled))
-            tree = backup_star(tree, leaf_B, jnp.asarray(active))
+            tree = backup_star(tree, leaf_B, jnp.asarray(active | at_answer))
             jax.block_until_ready(tree)
         if checkpoint:
             checkpoint.save(LoopState(it + 1, tree, nodes, {"done": done}), env.stats)

@@ -25,8 +25,9 @@ import numpy as np
 
 from rstar_jax.data import Problem
 from rstar_jax.math.grading import Grader
-from rstar_jax.math.steps import STOP_STRINGS, StepKind, StepRunner, build_prompt
+from rstar_jax.math.steps import ANSWER_END, STOP_STRINGS, StepKind, StepRunner, build_prompt
 from rstar_jax.engine import Completion, Engine, EngineConfig, InferenceModel, Request as EngineRequest, SamplingConfig
+from rstar_jax.models.heads import RewardHead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Request:
 
 # (requests, samples per request, temperature) -> per request, that many completions
 Proposer = Callable[[Sequence[Request], int, float], list[list[Completion]]]
-# [(prompt text, step texts)] -> per item one score per step
+# [(prompt text, step texts)] -> per item one score per step; it has a `head` (`RewardHead`) saying how to read them
 Scorer = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[float]]]
 
 
@@ -113,17 +114,20 @@ class LMProposer:
 
 
 class RewardScorer:
-    """Step scores from a reward model (`reward.score_steps`): PPM/value heads in [-1, 1], PRMs in [0, 1]."""
+    """Step scores from a reward model (`reward.score_steps`), read as its head says (`RewardHead`): PPM in [-1, 1],
+    value and PRM in [0, 1]."""
 
-    def __init__(self, params, cfg, tokenizer, num_labels: int, batch_size: int = 16, compute_dtype: Any = "float32"):
-        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
-        self.low = -1.0 if num_labels == 1 else 0.0
+    def __init__(self, params, cfg, tokenizer, head: RewardHead, batch_size: int = 16, compute_dtype: Any = "float32"):
+        if head.input_format != "steps":
+            raise ValueError(f"reward model with input format {head.input_format!r}: search reads the step format "
+                             "only (score such a PRM with processbench)")
+        self.params, self.cfg, self.tokenizer, self.head = params, cfg, tokenizer, head
         self.batch_size, self.compute_dtype = batch_size, compute_dtype
 
     def __call__(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
         from rstar_jax.reward import score_steps
 
-        return score_steps(self.params, self.cfg, self.tokenizer, items, batch_size=self.batch_size,
+        return score_steps(self.params, self.cfg, self.tokenizer, self.head, items, batch_size=self.batch_size,
                            compute_dtype=self.compute_dtype)
 
 
@@ -171,7 +175,9 @@ class StepEnv:
         """`num` candidates per request -> the kept children (identical texts removed).
 
         grade: check answers against `problem.answer`; score: reward-model score of every kept child;
-        one_answer: keep only the first answer terminal of each request (rStar-Math's MCTS).
+        one_answer: rStar-Math's MCTS rule: when a request's samples include one that stopped at `<end_of_answer>`,
+        the first of them is its only child and every other sample is dropped before it runs (microsoft/rStar,
+        branch rStar-math, rstar_deepthink/llms/llms.py:32-44).
         """
         if not requests:
             return []
@@ -188,6 +194,9 @@ class StepEnv:
                 self.stats.tokens[req.problem.id] += len(c.token_ids)
                 if c.text not in seen:
                     seen[c.text] = len(c.token_ids)
+            if one_answer:
+                answer = next((t for t in seen if t.rstrip().endswith(ANSWER_END)), None)
+                seen = seen if answer is None else {answer: seen[answer]}
             texts.append(list(seen))
             counts.append(list(seen.values()))
         with self.stats.timed("sandbox"):
@@ -195,14 +204,9 @@ class StepEnv:
         rows: list[list[Child]] = []
         for req, outs, ns in zip(requests, outcomes, counts):
             row: list[Child] = []
-            has_answer = False
             for out, n in zip(outs, ns):
                 if out.program:
                     self.stats.programs[req.problem.id] += 1
-                if out.kind == StepKind.ANSWER_TERMINAL:
-                    if has_answer and one_answer:
-                        continue
-                    has_answer = True
                 ids = self.encode(out.text)
                 kind, reason = out.kind, out.reason
                 if len(ids) > self.step_len:
@@ -236,9 +240,13 @@ class StepEnv:
             rows[i][j] = dataclasses.replace(rows[i][j], score=float(s[-1]))
         return rows
 
+    def _scored(self, score: float | None) -> bool:
+        return score is not None and self.scorer is not None and bool(np.isfinite(score))
+
     def unit_value(self, score: float | None, default: float = 0.5) -> float:
-        """A reward-model score mapped to [0, 1] (PPM tanh scores are in [-1, 1]); `default` when unscored."""
-        if score is None or self.scorer is None or not np.isfinite(score):
-            return default
-        low = getattr(self.scorer, "low", 0.0)
-        return (score - low) / (1.0 - low)
+        """A reward-model score mapped to [0, 1] as its head says (`RewardHead.unit`); `default` when unscored."""
+        return self.scorer.head.unit(score) if self._scored(score) else default
+
+    def signed_value(self, score: float | None, default: float = 0.0) -> float:
+        """A reward-model score mapped to [-1, 1] (rStar-Math's Q; a PPM's own range); `default` when unscored."""
+        return self.scorer.head.signed(score) if self._scored(score) else default

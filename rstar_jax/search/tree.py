@@ -180,12 +180,14 @@ def uct_scores(cfg: TreeConfig, parent_visits: jax.Array, visits_K: jax.Array, v
 ScoreFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def descend(tree: Tree, start_B: jax.Array | None, score_fn: ScoreFn) -> tuple[Tree, jax.Array, jax.Array]:
+def descend(tree: Tree, start_B: jax.Array | None, score_fn: ScoreFn,
+            answers_live: bool = False) -> tuple[Tree, jax.Array, jax.Array]:
     """Walk down from `start_B` (default: the root) by the best-scoring non-terminal child to a childless node.
 
     Returns (tree with newly EXHAUSTED nodes marked, leaf_B, expandable_B). `expandable_B` is False when the
     subtree under the start node is exhausted or the tree has no free node. Used by `select` and by
-    ReST-MCTS*'s `select_star` with their own score functions.
+    ReST-MCTS*'s `select_star` with their own score functions. With `answers_live` (ReST-MCTS*) answer terminals
+    compete like open children, so the walk may end at one (a leaf, not expandable).
     """
     N = tree.capacity
     if start_B is None:
@@ -197,7 +199,8 @@ def descend(tree: Tree, start_B: jax.Array | None, score_fn: ScoreFn) -> tuple[T
             kids_K = t.children_BxNxK[node]
             safe_K = jnp.maximum(kids_K, 0)
             has_kids = kids_K[0] != Tree.UNVISITED
-            live_K = (kids_K != Tree.UNVISITED) & (term_N[safe_K] == Tree.NOT_TERMINAL)
+            open_K = (term_N[safe_K] == Tree.NOT_TERMINAL) | (answers_live & (term_N[safe_K] == Tree.ANSWER))
+            live_K = (kids_K != Tree.UNVISITED) & open_K
             score_K = score_fn(t.visits_BxN[node], t.visits_BxN[safe_K], t.value_sum_BxN[safe_K])
             best = kids_K[jnp.argmax(jnp.where(live_K, score_K, -jnp.inf))]
             any_live = live_K.any()

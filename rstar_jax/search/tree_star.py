@@ -8,15 +8,18 @@ Choices, following the authors' code (THUDM/ReST-MCTS, MCTS/mcts.py, defaults of
 
 * Selection: score = V + c * sqrt(2 ln N_parent / N) for visited children and V + `unvisited_bonus`
   (their `inf`, 1.0) for unvisited ones; c = 0.7 (their default; the paper uses 0.4-0.7). Ties go to the
-  lowest child slot (theirs is random). Terminal children are skipped and a node whose children are all
-  terminal becomes EXHAUSTED, exactly as in `tree.descend` (theirs never marks terminals; a solved leaf ends
-  the search through the end gate instead; since terminal children are never selected here, the driver
-  checks the end gate on the values of newly expanded children).
+  lowest child slot (theirs is random). Answer terminals compete like any child, as in theirs (`getBestChild`
+  ranges over every child, mcts.py:224-235): a selection that ends at an answer expands nothing and only backs
+  up from it (their `executeRound` skips expansion and simulation at an `<end>` node, mcts.py:140-161), so the
+  answer gains a visit and from then on counts in its parent's mean. Invalid children are never selected; a
+  node whose children are all invalid becomes EXHAUSTED (`tree.descend`).
 * Rollout update (after a short greedy rollout from the best new child): V <- (1 - alpha) V + alpha max V,
   and that child gains one visit (their `roll_node.numVisits += 1`); alpha = 0.5.
-* Backup from the expanded node to the root: each node on the path gains one visit and, if it has children
-  with visits, takes V = sum(V_c N_c) / sum(N_c) over them (visit-weighted); a node whose children have no
-  visits yet keeps its V.
+* Backup from the expanded (or selected answer) node to the root: each node on the path gains one visit and, if
+  it has valid children with visits, takes V = sum(V_c N_c) / sum(N_c) over them (visit-weighted, their
+  `back_propagate`, mcts.py:213-221); a node whose children have no visits yet keeps its V. Invalid children
+  take no part: theirs never become children (an empty proposal is dropped, mcts.py:36-38), and a broken step
+  says nothing about the steps before it (`tree.py`), so it must not drag its parent down.
 * Values live in [low, high] = [0, 1] in the authors' code; set `TreeConfig.invalid_reward` to the low end
   (0.0) when invalid terminals should not leave that range.
 """
@@ -62,8 +65,8 @@ def star_scores(cfg: StarConfig, parent_visits: jax.Array, visits_K: jax.Array, 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def select_star(tree: Tree, cfg: StarConfig, start_B: jax.Array | None = None) -> tuple[Tree, jax.Array, jax.Array]:
-    """Value-guided selection; same contract as `tree.select`."""
-    return descend(tree, start_B, functools.partial(star_scores, cfg))
+    """Value-guided selection; same contract as `tree.select`, except that the leaf may be an answer terminal."""
+    return descend(tree, start_B, functools.partial(star_scores, cfg), answers_live=True)
 
 
 def _set_value(visits: jax.Array, v: jax.Array) -> jax.Array:
@@ -94,7 +97,8 @@ def backup_star(tree: Tree, node_B: jax.Array, active_B: jax.Array) -> Tree:
             cur, visits_N, vsum_N = state
             kids_K = t.children_BxNxK[cur]
             safe_K = jnp.maximum(kids_K, 0)
-            n_K = jnp.where(kids_K != Tree.UNVISITED, visits_N[safe_K], 0).astype(jnp.float32)
+            valid_K = (kids_K != Tree.UNVISITED) & (t.terminal_BxN[safe_K] != Tree.INVALID)
+            n_K = jnp.where(valid_K, visits_N[safe_K], 0).astype(jnp.float32)
             v_K = vsum_N[safe_K] / jnp.maximum(n_K, 1.0)
             total = n_K.sum()
             old_v = vsum_N[cur] / jnp.maximum(visits_N[cur], 1).astype(jnp.float32)

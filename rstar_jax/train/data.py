@@ -142,7 +142,8 @@ def pair_steps(rec: dict, side: str) -> list[str]:
 
 
 def tokenize(records: list[dict], kind: str, tok: TextEncoder, data: DataSection) -> list[Aligned | Pair]:
-    """Examples from records; `prm_soft_labels=False` rounds MC fractions to hard 0/1 labels."""
+    """Examples from records. PRM targets are the record's `labels` as the labeller wrote them, hard or soft
+    (`labels/mc.py`, `MCConfig.labels`): the hard rule (>= threshold of k completions correct) is the labeller's."""
     out: list[Aligned | Pair] = []
     for rec in records:
         if kind == "sft":
@@ -158,8 +159,7 @@ def tokenize(records: list[dict], kind: str, tok: TextEncoder, data: DataSection
                             np.asarray(encode_steps(tok, rec["prompt"], neg)[0], np.int32),
                             1.0 / (rec["pos_count"] * rec["neg_count"])))
         elif kind == "prm":
-            labels = rec["labels"] if data.prm_soft_labels else [float(x >= 0.5) for x in rec["labels"]]
-            out.append(_steps_example(tok, rec, labels))
+            out.append(_steps_example(tok, rec, rec["labels"]))
         else:
             out.append(_steps_example(tok, rec, rec["values"]))
     return out

@@ -1,4 +1,5 @@
-"""A training checkpoint -> an HF folder (policy: causal LM; PPM / PRM / value: token-classification reward model)."""
+"""A training checkpoint -> an HF folder (policy: causal LM; PPM / PRM / value: token-classification reward model
+whose config.json records the head kind, so it is read as it was trained: `models.heads.RewardHead`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import jax
 import numpy as np
 
 from rstar_jax.models.config import ModelConfig
+from rstar_jax.models.heads import RewardHead
 from rstar_jax.models.hf_io import save_causal_lm, save_reward_model
 from rstar_jax.models.tokenizer import load_tokenizer
 from rstar_jax.train.checkpoint import find_step_dir, read_run_info, restore_params
@@ -24,5 +26,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), abstract_params(model_cfg, info["kind"])
     )
     params = jax.tree.map(np.asarray, restore_params(step_dir, target))
-    save = save_causal_lm if info["kind"] == "sft" else save_reward_model
-    return save(out_dir, model_cfg, params, load_tokenizer(run_dir / "tokenizer"))
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    if info["kind"] == "sft":
+        return save_causal_lm(out_dir, model_cfg, params, tokenizer)
+    return save_reward_model(out_dir, model_cfg, params, tokenizer, RewardHead(info["kind"]))

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from rstar_jax.models.config import ModelConfig
-from rstar_jax.models.llama import forward, linear, lm_head
+from rstar_jax.models.heads import score_head
+from rstar_jax.models.llama import forward, lm_head
 from rstar_jax.models.params import Params
 
 KINDS = ("sft", "ppm", "prm", "value")
@@ -61,10 +62,6 @@ def value_mse_loss(v_BxT: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Ar
     return jnp.sum(se_BxT * weights_BxT), jnp.sum(weights_BxT), {"abs_err": jnp.sum(jnp.sqrt(se_BxT) * weights_BxT)}
 
 
-def _score(params: Params, hidden: jax.Array) -> jax.Array:
-    return linear(hidden.astype(jnp.float32), params["score"])
-
-
 def loss_fn(kind: str, cfg: ModelConfig, **model_kw: Any) -> Callable[[Params, dict[str, jax.Array]], LossOut]:
     """`(params, micro_batch) -> (loss_sum, weight_sum, stats)`; `model_kw` goes to `llama.forward`."""
 
@@ -74,16 +71,16 @@ def loss_fn(kind: str, cfg: ModelConfig, **model_kw: Any) -> Callable[[Params, d
 
     def prm(params, b):
         h = forward(params, cfg, b["input_ids"], b["positions"], b["segment_ids"], **model_kw)
-        return step_classification_loss(_score(params, h), b["targets"], b["weights"])
+        return step_classification_loss(score_head(params, h), b["targets"], b["weights"])
 
     def value(params, b):
         h = forward(params, cfg, b["input_ids"], b["positions"], b["segment_ids"], **model_kw)
-        return value_mse_loss(_score(params, h)[..., 0], b["targets"], b["weights"])
+        return value_mse_loss(score_head(params, h)[..., 0], b["targets"], b["weights"])
 
     def ppm(params, b):
         B, P, T = b["input_ids"].shape
         flat = [b[k].reshape(B * P, T) for k in ("input_ids", "positions", "segment_ids")]
-        r_BPxT = _score(params, forward(params, cfg, *flat, **model_kw))[..., 0]
+        r_BPxT = score_head(params, forward(params, cfg, *flat, **model_kw))[..., 0]
         r_Bx2 = jnp.take_along_axis(r_BPxT.reshape(B, P, T), b["last"][..., None], axis=-1)[..., 0]
         return bradley_terry_loss(r_Bx2[:, 0], r_Bx2[:, 1], b["weights"])
 
