@@ -10,7 +10,7 @@ Continuous batching. Each request's prompt (after the shared prefix) is prefille
 prompt entry of the least loaded data group, several chunks (of one prompt or of several) per prefill call; its K
 samples become lanes of the entry, and free decode slots take pending lanes inside the decode program, token by
 token, so no slot waits for its neighbours. A request with more samples than an entry has lanes spans several
-entries. The host keeps about one slot-set of samples per group ready (pending) ahead of the slots.
+entries. The host keeps samples for about half of each group's slots ready (pending) ahead of them.
 
 The host stays off the token path: it dispatches the next program before reading the last one's `Report`
 (JAX dispatch is asynchronous), reads the small lane arrays after each call, and reads a request's tokens and
@@ -43,6 +43,7 @@ from rstar_jax.engine.model import InferenceModel
 from rstar_jax.engine.state import DONE, KEY_SHAPE, PENDING, REASON_STOP, RUNNING, init_state
 from rstar_jax.engine.stops import StopRegistry, finish
 
+READY = 0.5  # samples kept ready (prefilled, waiting for a slot) per group, as a share of its slots
 SHARED_PAD = 64  # the shared prefix is padded to a multiple of this (one program per run's prefix)
 TRIM_EVERY_S = 10.0
 
@@ -181,7 +182,7 @@ class Engine:
 
     def _plan_prefill(self) -> list[list[tuple[_Job, int, int]]]:
         """Per group, up to R rows (job, offset, tokens): unfinished prompts first, then new requests into free
-        entries of the groups with the fewest samples ready or coming."""
+        entries of the groups with the fewest samples ready or coming, up to READY of a group's slots."""
         lay = self.lay
         plan: list[list[tuple[_Job, int, int]]] = [[] for _ in range(lay.groups)]
         coming = self.pending.copy()
@@ -203,7 +204,7 @@ class Engine:
                     fill(job)
         while self.waiting:
             open_groups = [d for d in range(lay.groups)
-                           if len(plan[d]) < lay.rows and coming[d] < lay.slots and self._free_entry(d) is not None]
+                           if len(plan[d]) < lay.rows and coming[d] < READY * lay.slots and self._free_entry(d) is not None]
             if not open_groups:
                 break
             d = min(open_groups, key=lambda g: (coming[g] + self.running[g], g))
