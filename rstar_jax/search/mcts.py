@@ -1,13 +1,14 @@
-"""rStar-Math MCTS over code-augmented steps for a batch of problems: trees on device, steps from `StepEnv`.
+"""rStar-Math MCTS over code-augmented steps, one tree per problem on device, steps from `StepEnv`.
 
 A rollout is one descent from the root that expands as it goes (rStar-Math's code): `select` from the root
 to a childless node, expand it with K candidates, then `select` again from that node (so among its new
 children) and expand, until the descent can expand nothing more (every child terminal, the depth limit,
 the tree full). Answer terminals are backed up to the root as soon as they are created. An expansion with an
 answer among its samples keeps that answer alone (rStar-Math's rule, `StepEnv.expand(one_answer=True)`), so its
-node is then exhausted and the descent ends there. All B problems advance in lockstep: one `select` /
-`gather_path` / `expand` / `backup` call and one policy call per level for the whole batch; a problem whose
-descent has ended sits out the rest of that rollout.
+node is then exhausted and the descent ends there. Each problem is searched on its own (`problem_search`, a
+generator for `scheduler.run`): it submits its next leaf as soon as its last expansion returns, while other
+problems' expansions are decoding; its jitted `select` / `gather_path` / `expand` / `backup` run on its own
+tree (B = 1).
 
 Modes (what the gold answer and the reward model are used for):
 * terminal:  answer terminals get +1 / -1 from the gold answer; new nodes start with no value (rounds 1-2).
@@ -27,7 +28,8 @@ generate training trees; `solved` (some answer terminal is correct) is what they
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +40,9 @@ from rstar_jax.math.grading import Grader
 from rstar_jax.math.steps import StepKind
 from rstar_jax.search import tree_io
 from rstar_jax.search.batch_state import BatchCheckpoint, LoopState
-from rstar_jax.search.policy import Child, Request, StepEnv
+from rstar_jax.search import scheduler
+from rstar_jax.search.policy import Child, Request, Stats, StepEnv
+from rstar_jax.search.scheduler import Expand, ProblemSearch
 from rstar_jax.search.tree import Expansion, Tree, TreeConfig, backup, expand, gather_path, new_tree, select
 
 MODES = ("terminal", "ppm", "inference")
@@ -168,18 +172,19 @@ def tree_result(saved: tree_io.SavedTree, grader: Grader, top_n: int, weight_of)
     return ProblemResult(answer, best, solved, dataclasses.replace(saved, meta=meta))
 
 
-def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], cfg: MCTSConfig,
-           meta: dict[str, Any] | None = None, checkpoint: BatchCheckpoint | None = None) -> list[ProblemResult]:
-    """MCTS for a batch of problems; problem b draws its candidates with keys derived from `keys[b]`.
-    With `checkpoint`, the search continues from its saved state and saves after every policy call (a call at the
-    default budget is ~1 min on a 2-core CPU; a rollout is up to 16 of them)."""
+def problem_search(env: StepEnv, problem: Problem, key: jax.Array, cfg: MCTSConfig, stats: Stats,
+                   meta: dict[str, Any] | None = None, checkpoint: BatchCheckpoint | None = None) -> ProblemSearch:
+    """MCTS for one problem, drawing its candidates with keys derived from `key` (a generator for `scheduler.run`).
+    With `checkpoint`, the search continues from its saved state and saves after every expansion (one at the
+    default budget is ~10 s of decoding on a 2-core CPU; a rollout is up to 16 of them)."""
+    problems, keys = [problem], [key]
     B, K, T = len(problems), cfg.candidates, env.step_len
     tcfg = TreeConfig(c=cfg.c, unvisited_score=cfg.unvisited_score, max_depth=env.max_depth)
     gold = cfg.mode != "inference"
     score_nodes = cfg.mode != "terminal"
-    state = checkpoint.load(env.stats) if checkpoint else None
+    state = checkpoint.load(stats) if checkpoint else None
     if state is None:
-        with env.stats.timed("tree"):
+        with stats.timed("tree"):
             state = LoopState(0, new_tree(B, cfg.num_nodes(env.max_depth), K, T),
                               [[dict(tree_io.ROOT_NODE)] for _ in problems], {})
     tree, nodes = state.tree, state.nodes
@@ -196,23 +201,22 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
         return 0.0, False
 
     for r in range(state.done, cfg.rollouts):
-        env.stats.rollout = r + 1
+        stats.rollout = r + 1
         cut = r == state.done and state.level > 0  # the rollout a crash cut short goes on from its last leaves
         start_B = jnp.asarray(state.flags["start_B"]) if cut else jnp.zeros((B,), jnp.int32)
         active = np.array(state.flags["active"]) if cut else np.ones(B, bool)
         for level in range(state.level if cut else 0, env.max_depth):
-            with env.stats.timed("tree"):
+            with stats.timed("tree"):
                 tree, leaf_B, expandable_B = select(tree, tcfg, start_B)
                 active &= np.asarray(expandable_B)
             if not active.any():
                 break
-            with env.stats.timed("tree"):
+            with stats.timed("tree"):
                 requests = leaf_requests(tree, tcfg, leaf_B, active, problems, nodes, question_ids,
                                          lambda b: request_key(keys[b], r, level))
-            expanded = env.expand(requests, K, cfg.temperature, grade=gold, score=score_nodes,
-                                  one_answer=True)
+            expanded = yield Expand(requests, K, cfg.temperature, grade=gold, score=score_nodes, one_answer=True)
             rows = {req.row: children for req, children in zip(requests, expanded)}
-            with env.stats.timed("tree"):
+            with stats.timed("tree"):
                 exp = pack(rows, B, K, T, reward_of, value_of)
                 tree, child_BxK = expand(tree, tcfg, leaf_B, exp, jnp.asarray(active))
                 is_answer = (exp.terminal_BxK == Tree.ANSWER) & (child_BxK >= 0)
@@ -222,17 +226,24 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
             start_B = leaf_B
             if checkpoint:
                 checkpoint.save(LoopState(r, tree, nodes, {"start_B": np.asarray(start_B), "active": active},
-                                          level + 1), env.stats)
+                                          level + 1), stats)
         if checkpoint:
-            checkpoint.save(LoopState(r + 1, tree, nodes, {}), env.stats)
+            checkpoint.save(LoopState(r + 1, tree, nodes, {}), stats)
 
-    results = []
-    for b, p in enumerate(problems):
-        info = {"problem": {"id": p.id, "question": p.question, "answer": p.answer}, "method": "mcts",
-                "mode": cfg.mode, "config": dataclasses.asdict(cfg)} | (meta or {})
-        saved = tree_io.from_device(tree, b, nodes[b], info)
-        results.append(tree_result(saved, env.grader, cfg.top_n, lambda q: (q + 1.0) / 2.0))
-    return results
+    info = {"problem": {"id": problem.id, "question": problem.question, "answer": problem.answer}, "method": "mcts",
+            "mode": cfg.mode, "config": dataclasses.asdict(cfg)} | (meta or {})
+    return tree_result(tree_io.from_device(tree, 0, nodes[0], info), env.grader, cfg.top_n, lambda q: (q + 1.0) / 2.0)
+
+
+def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], cfg: MCTSConfig,
+           meta: dict[str, Any] | None = None, checkpoint_of: Callable[[Problem], BatchCheckpoint] | None = None,
+           in_flight: int | None = None) -> list[ProblemResult]:
+    """MCTS for every problem (`problem_search`), `in_flight` of them at a time (default: all); each problem's tree
+    is the one it gets searched alone."""
+    return scheduler.search_all(env, [functools.partial(problem_search, env, p, k, cfg, meta=meta,
+                                                        checkpoint=checkpoint_of(p) if checkpoint_of else None)
+                                      for p, k in zip(problems, keys)], in_flight)
+
 
 
 def leaf_requests(tree: Tree, tcfg: TreeConfig, leaf_B: jax.Array, active_B: np.ndarray,

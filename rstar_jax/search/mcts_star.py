@@ -1,8 +1,8 @@
-"""ReST-MCTS* (MCTS*) for a batch of problems: value-guided selection, greedy roll-forward, visit-weighted backup.
+"""ReST-MCTS* (MCTS*): value-guided selection, greedy roll-forward, visit-weighted backup, one tree per problem.
 
-One iteration per problem, all problems in lockstep (defaults from the authors' MCTS_Task: branch 3, c 0.7,
-alpha 0.5, end gate 0.9, greedy roll-forward of 3 steps, temperature 0.7, unvisited bonus 1.0, values in
-[0, 1]):
+Each problem is searched on its own (`problem_search`, a generator for `scheduler.run`), one iteration after the
+other (defaults from the authors' MCTS_Task: branch 3, c 0.7, alpha 0.5, end gate 0.9, greedy roll-forward of 3
+steps, temperature 0.7, unvisited bonus 1.0, values in [0, 1]):
 
 1. `select_star` from the root to a childless node (V + c * sqrt(2 ln N_parent / N); see tree_star.py). When
    that node is an answer terminal, steps 2-4 are skipped: the iteration only backs up from it (step 5).
@@ -28,7 +28,8 @@ term and the terminal values. The answer: the answer terminals vote with weight 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Generator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,9 @@ from rstar_jax.search import tree_io
 from rstar_jax.search.batch_state import BatchCheckpoint, LoopState
 from rstar_jax.search.mcts import (MODES, ProblemResult, check_choice, check_nonnegative, check_positive,
                                    leaf_requests, pack, record_children, request_key, tree_result)
-from rstar_jax.search.policy import Child, Request, StepEnv
+from rstar_jax.search import scheduler
+from rstar_jax.search.policy import Child, Request, Stats, StepEnv
+from rstar_jax.search.scheduler import Expand, ProblemSearch
 from rstar_jax.search.tree import Tree, TreeConfig, expand, new_tree
 from rstar_jax.search.tree_star import StarConfig, backup_star, rollout_update, select_star
 
@@ -74,16 +77,18 @@ class StarSearchConfig:
         return self.max_nodes or 1 + self.iterations * self.branch
 
 
-def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], cfg: StarSearchConfig,
-           meta: dict[str, Any] | None = None, checkpoint: BatchCheckpoint | None = None) -> list[ProblemResult]:
-    """ReST-MCTS* for a batch of problems (keys as in `mcts.search`); `checkpoint` saves after each iteration."""
+def problem_search(env: StepEnv, problem: Problem, key: jax.Array, cfg: StarSearchConfig, stats: Stats,
+                   meta: dict[str, Any] | None = None, checkpoint: BatchCheckpoint | None = None) -> ProblemSearch:
+    """ReST-MCTS* for one problem (keys as in `mcts.problem_search`; a generator for `scheduler.run`);
+    `checkpoint` saves after each iteration."""
+    problems, keys = [problem], [key]
     B, K, T = len(problems), cfg.branch, env.step_len
     tcfg = TreeConfig(max_depth=env.max_depth, invalid_reward=0.0)
     scfg = cfg.star
     gold = cfg.mode != "inference"
-    state = checkpoint.load(env.stats) if checkpoint else None
+    state = checkpoint.load(stats) if checkpoint else None
     if state is None:
-        with env.stats.timed("tree"):
+        with stats.timed("tree"):
             state = LoopState(0, new_tree(B, cfg.num_nodes, K, T), [[dict(tree_io.ROOT_NODE)] for _ in problems],
                               {"done": np.zeros(B, bool)})
     tree, nodes, done = state.tree, state.nodes, state.flags["done"]
@@ -95,19 +100,19 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
         return env.unit_value(ch.score)
 
     for it in range(state.done, cfg.iterations):
-        env.stats.rollout = it + 1
-        with env.stats.timed("tree"):
+        stats.rollout = it + 1
+        with stats.timed("tree"):
             tree, leaf_B, expandable_B = select_star(tree, scfg)
             active = np.asarray(expandable_B) & ~done
             at_answer = np.asarray(tree.terminal_BxN[jnp.arange(B), leaf_B] == Tree.ANSWER) & ~done
         if not (active | at_answer).any():
             break
-        with env.stats.timed("tree"):
+        with stats.timed("tree"):
             requests = leaf_requests(tree, tcfg, leaf_B, active, problems, nodes, question_ids,
                                      lambda b: request_key(keys[b], it))
-        expanded = env.expand(requests, K, cfg.temperature, grade=gold, score=True)
+        expanded = yield Expand(requests, K, cfg.temperature, grade=gold, score=True)
         rows = {req.row: children for req, children in zip(requests, expanded)}
-        with env.stats.timed("tree"):
+        with stats.timed("tree"):
             exp = pack(rows, B, K, T, value, lambda ch: (value(ch), False))
             tree, child_BxK = expand(tree, tcfg, leaf_B, exp, jnp.asarray(active))
             child = np.asarray(child_BxK)
@@ -124,34 +129,40 @@ def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array],
             if open_ and not done[b]:
                 k, ch = max(open_, key=lambda kc: value(kc[1]))  # first best on ties
                 roll.append((req, int(child[b, k]), ch))
-        best = roll_forward(env, roll, cfg, value)
+        best = yield from roll_forward(env, roll, cfg, value)
         node_B = np.zeros(B, np.int32)
         rolled = np.zeros(B, bool)
         best_B = np.zeros(B, np.float32)
         for (req, node, _), v in zip(roll, best):
             node_B[req.row], rolled[req.row] = node, True
             best_B[req.row] = v
-        with env.stats.timed("tree"):
+        with stats.timed("tree"):
             cur = tree.values()[jnp.arange(B), jnp.asarray(node_B)]
             best_v = jnp.where(jnp.asarray(np.isnan(best_B)), cur, jnp.asarray(np.nan_to_num(best_B)))
             tree = rollout_update(tree, scfg, jnp.asarray(node_B), best_v, jnp.asarray(rolled))
             tree = backup_star(tree, leaf_B, jnp.asarray(active | at_answer))
             jax.block_until_ready(tree)
         if checkpoint:
-            checkpoint.save(LoopState(it + 1, tree, nodes, {"done": done}), env.stats)
+            checkpoint.save(LoopState(it + 1, tree, nodes, {"done": done}), stats)
 
-    results = []
-    for b, p in enumerate(problems):
-        info = {"problem": {"id": p.id, "question": p.question, "answer": p.answer}, "method": "mcts-star",
-                "mode": cfg.mode, "config": dataclasses.asdict(cfg),
-                "stopped_by_end_gate": bool(done[b])} | (meta or {})
-        saved = tree_io.from_device(tree, b, nodes[b], info)
-        results.append(tree_result(saved, env.grader, cfg.top_n, lambda v: v))
-    return results
+    info = {"problem": {"id": problem.id, "question": problem.question, "answer": problem.answer},
+            "method": "mcts-star", "mode": cfg.mode, "config": dataclasses.asdict(cfg),
+            "stopped_by_end_gate": bool(done[0])} | (meta or {})
+    return tree_result(tree_io.from_device(tree, 0, nodes[0], info), env.grader, cfg.top_n, lambda v: v)
+
+
+def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], cfg: StarSearchConfig,
+           meta: dict[str, Any] | None = None, checkpoint_of: Callable[[Problem], BatchCheckpoint] | None = None,
+           in_flight: int | None = None) -> list[ProblemResult]:
+    """ReST-MCTS* for every problem (`problem_search`), `in_flight` at a time (default: all)."""
+    return scheduler.search_all(env, [functools.partial(problem_search, env, p, k, cfg, meta=meta,
+                                                        checkpoint=checkpoint_of(p) if checkpoint_of else None)
+                                      for p, k in zip(problems, keys)], in_flight)
+
 
 
 def roll_forward(env: StepEnv, roll: list[tuple[Request, int, Child]], cfg: StarSearchConfig,
-                 value) -> list[float]:
+                 value) -> Generator[Expand, list[list[Child]], list[float]]:
     """Greedy roll-outs of `cfg.rollout_steps` steps from each chosen child; the max value of each (NaN if none)."""
     best = [float("nan")] * len(roll)
     live = [(i, req.path_texts + (ch.text,), req.prompt_ids + ch.token_ids) for i, (req, _, ch) in enumerate(roll)]
@@ -161,7 +172,7 @@ def roll_forward(env: StepEnv, roll: list[tuple[Request, int, Child]], cfg: Star
             break
         reqs = [Request(roll[i][0].row, roll[i][0].problem, path, ids, request_key(roll[i][0].key, 1 + step))
                 for i, path, ids in live]
-        out = env.expand(reqs, 1, 0.0, grade=cfg.mode != "inference", score=True)
+        out = yield Expand(reqs, 1, 0.0, grade=cfg.mode != "inference", score=True)
         nxt = []
         for (i, path, ids), children in zip(live, out):
             if not children or children[0].kind == StepKind.INVALID:

@@ -1,11 +1,14 @@
 """The step environment every search method shares: K candidate steps for R open nodes, classified and scored.
 
-One `StepEnv.expand` call is one iteration's host work for a whole batch of open nodes (tree leaves, chain ends
-or beams): one batched proposer call (the policy: prefill each prompt once, K samples), identical texts removed,
-every candidate's program run in one sandbox batch (`StepRunner`, cached), answers graded against the gold
-answer when asked, and the new steps scored by the reward model in one batched forward when one is configured.
+An expansion of some open nodes (tree leaves, chain ends or beams) is a proposer request per node (the policy:
+K samples of its prompt) and then host work (`StepEnv.children`): identical texts removed, every candidate's
+program run in one sandbox batch (`StepRunner`, cached), answers graded against the gold answer when asked, and
+the new steps scored by the reward model in one batched forward when one is configured. `StepEnv.expand` does
+both in turn; the search scheduler (`scheduler.run`) submits requests to the proposer and runs the host work on
+a worker thread, so that the engine decodes meanwhile.
 
-The proposer is injectable (`Proposer`): `LMProposer` samples from a causal LM; tests script candidates.
+The proposer is injectable (`Proposer`: submit requests, poll the finished ones): `LMProposer` samples from a
+causal LM through the inference engine; tests script candidates with plain functions (`SyncProposer`).
 A node's tokens are `tokenizer.encode(node_text)` (the step as generated plus, for a code terminal, the
 inserted observation), so a node's prompt is the question's tokens followed by its path's node tokens, which
 is what `tree.gather_path` assembles on device. Every question's tokens start with the same few-shot tokens
@@ -43,7 +46,7 @@ class Request:
 
 
 # (requests, samples per request, temperature) -> per request, that many completions
-Proposer = Callable[[Sequence[Request], int, float], list[list[Completion]]]
+ProposeFn = Callable[[Sequence[Request], int, float], list[list[Completion]]]
 # [(prompt text, step texts)] -> per item one score per step; it has a `head` (`RewardHead`) saying how to read them
 Scorer = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[float]]]
 
@@ -83,6 +86,12 @@ class Stats:
         self.policy_calls = 0
         self.rollout = 0  # the tree search's current rollout / iteration, from 1 (progress display)
 
+    def add(self, other: "Stats") -> None:
+        for mine, theirs in ((self.seconds, other.seconds), (self.tokens, other.tokens), (self.programs, other.programs)):
+            for k, v in theirs.items():
+                mine[k] += v
+        self.policy_calls += other.policy_calls
+
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
         t0 = time.perf_counter()
@@ -96,21 +105,77 @@ def question_prompt(problem: Problem, few_shot: str = "") -> str:
     return build_prompt(problem.question, (), few_shot)
 
 
-class LMProposer:
-    """Candidate steps sampled from a causal LM through one engine, each request with its own key, after the
-    requests' shared few-shot prefix (prefilled once, then read by every request)."""
+class Proposer:
+    """Candidates for requests, asynchronously: `submit` returns a ticket, `poll` advances the proposer and hands
+    back the tickets whose requests all finished, with one list of completions per request."""
+
+    def submit(self, requests: Sequence[Request], num: int, temperature: float) -> int:
+        raise NotImplementedError
+
+    def poll(self) -> list[tuple[int, list[list[Completion]]]]:
+        raise NotImplementedError
+
+    def __call__(self, requests: Sequence[Request], num: int, temperature: float) -> list[list[Completion]]:
+        """Candidates for `requests`, waiting for them."""
+        ticket = self.submit(requests, num, temperature)
+        while True:
+            for got, completions in self.poll():
+                if got == ticket:
+                    return completions
+
+
+class SyncProposer(Proposer):
+    """A plain function (scripted candidates in tests) as a proposer whose requests finish at once."""
+
+    def __init__(self, fn: ProposeFn):
+        self.fn, self.done, self.tickets = fn, [], 0
+
+    def submit(self, requests: Sequence[Request], num: int, temperature: float) -> int:
+        self.tickets += 1
+        self.done.append((self.tickets, self.fn(requests, num, temperature)))
+        return self.tickets
+
+    def poll(self) -> list[tuple[int, list[list[Completion]]]]:
+        done, self.done = self.done, []
+        return done
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped object's own state (a scripted proposer's call log)
+        return getattr(self.__dict__["fn"], name)
+
+
+class LMProposer(Proposer):
+    """Candidate steps sampled from a causal LM through one inference engine, each request with its own key, after
+    the requests' shared few-shot prefix (prefilled once, then read by every request)."""
 
     def __init__(self, model: InferenceModel, tokenizer, max_new_tokens: int = 256, top_p: float = 1.0, top_k: int = 0,
                  engine: EngineConfig = EngineConfig()):
         self.tokenizer, self.top_p, self.top_k = tokenizer, top_p, top_k
         self.max_new_tokens = max_new_tokens
         self.engine = Engine(model, tokenizer, dataclasses.replace(engine, max_new_tokens=max_new_tokens))
+        self.tickets: dict[int, list[int | list[Completion]]] = {}  # ticket -> per request its engine id or result
+        self.ticket_of: dict[int, tuple[int, int]] = {}  # engine id -> (ticket, index)
+        self.next_ticket = 0
 
-    def __call__(self, requests: Sequence[Request], num: int, temperature: float) -> list[list[Completion]]:
+    def submit(self, requests: Sequence[Request], num: int, temperature: float) -> int:
         settings = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p,
                                   top_k=self.top_k, num_samples=num, stop=STOP_STRINGS)
         self.engine.set_shared_prefix(requests[0].prompt_ids[: requests[0].shared_len])
-        return self.engine.run([EngineRequest(r.prompt_ids, settings, r.key) for r in requests])
+        self.next_ticket += 1
+        ids = [self.engine.submit(EngineRequest(r.prompt_ids, settings, r.key)) for r in requests]
+        self.tickets[self.next_ticket] = list(ids)
+        for i, rid in enumerate(ids):
+            self.ticket_of[rid] = (self.next_ticket, i)
+        return self.next_ticket
+
+    def poll(self) -> list[tuple[int, list[list[Completion]]]]:
+        done = []
+        for fin in self.engine.step():
+            ticket, i = self.ticket_of.pop(fin.id)
+            slots = self.tickets[ticket]
+            slots[i] = fin.completions
+            if all(isinstance(x, list) for x in slots):
+                done.append((ticket, self.tickets.pop(ticket)))
+        return done
 
 
 class RewardScorer:
@@ -134,14 +199,22 @@ class RewardScorer:
 class StepEnv:
     """Turns open nodes into classified children (see the module docstring)."""
 
-    def __init__(self, propose: Proposer, runner: StepRunner, tokenizer, grader: Grader, *, step_len: int,
-                 scorer: Scorer | None = None, few_shot: str = "",
+    def __init__(self, propose: Proposer | ProposeFn | None, runner: StepRunner, tokenizer, grader: Grader, *,
+                 step_len: int, scorer: Scorer | None = None, few_shot: str = "",
                  stats: Stats | None = None, on_expand: Callable[[], None] | None = None):
         self.propose, self.runner, self.tokenizer = propose, runner, tokenizer
         self.step_len, self.grader, self.scorer, self.few_shot = step_len, grader, scorer, few_shot
         self.stats = stats or Stats()
         self.on_expand = on_expand  # called after every expansion (a job's progress line)
         self.shared_prefix_ids = self._few_shot_ids() if few_shot else ()
+
+    @property
+    def propose(self) -> Proposer:
+        return self._propose
+
+    @propose.setter
+    def propose(self, propose: Proposer | ProposeFn | None) -> None:
+        self._propose = propose if propose is None or isinstance(propose, Proposer) else SyncProposer(propose)
 
     @property
     def max_depth(self) -> int:
@@ -163,35 +236,47 @@ class StepEnv:
     def encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text))
 
-    def score_paths(self, items: Sequence[tuple[Problem, Sequence[str]]]) -> list[list[float]]:
+    def score_paths(self, items: Sequence[tuple[Problem, Sequence[str]]], stats: Stats | None = None) -> list[list[float]]:
         """Reward-model scores of every step of each (problem, step texts); the prompt has no few-shot part."""
         if self.scorer is None:
             raise ValueError("score_paths: no reward model configured")
-        with self.stats.timed("reward"):
+        with (stats or self.stats).timed("reward"):
             return self.scorer([(question_prompt(p), steps) for p, steps in items])
 
+    def with_shared_prefix(self, requests: Sequence[Request]) -> list[Request]:
+        """The requests marked with how many of their leading tokens are the env's shared few-shot tokens."""
+        return [dataclasses.replace(r, shared_len=len(self.shared_prefix_ids)) for r in requests]
+
     def expand(self, requests: Sequence[Request], num: int, temperature: float, *, grade: bool, score: bool,
-               one_answer: bool = False) -> list[list[Child]]:
-        """`num` candidates per request -> the kept children (identical texts removed).
+               one_answer: bool = False, stats: Stats | None = None) -> list[list[Child]]:
+        """`num` candidates per request -> the kept children (identical texts removed); see `children`."""
+        if not requests:
+            return []
+        stats = stats or self.stats
+        with stats.timed("sampling"):
+            completions = self.propose(self.with_shared_prefix(requests), num, temperature)
+        rows = self.children(requests, completions, grade=grade, score=score, one_answer=one_answer, stats=stats)
+        if self.on_expand is not None:
+            self.on_expand()
+        return rows
+
+    def children(self, requests: Sequence[Request], completions: Sequence[Sequence[Completion]], *, grade: bool,
+                 score: bool, one_answer: bool = False, stats: Stats | None = None) -> list[list[Child]]:
+        """The host work of an expansion: each request's completions -> its kept children (identical texts removed).
 
         grade: check answers against `problem.answer`; score: reward-model score of every kept child;
         one_answer: rStar-Math's MCTS rule: when a request's samples include one that stopped at `<end_of_answer>`,
         the first of them is its only child and every other sample is dropped before it runs (microsoft/rStar,
         branch rStar-math, rstar_deepthink/llms/llms.py:32-44).
         """
-        if not requests:
-            return []
-        if self.shared_prefix_ids:
-            requests = [dataclasses.replace(r, shared_len=len(self.shared_prefix_ids)) for r in requests]
-        with self.stats.timed("sampling"):
-            completions = self.propose(requests, num, temperature)
-        self.stats.policy_calls += 1
+        stats = stats or self.stats
+        stats.policy_calls += 1
         texts: list[list[str]] = []
         counts: list[list[int]] = []
         for req, comps in zip(requests, completions):
             seen: dict[str, int] = {}
             for c in comps:
-                self.stats.tokens[req.problem.id] += len(c.token_ids)
+                stats.tokens[req.problem.id] += len(c.token_ids)
                 if c.text not in seen:
                     seen[c.text] = len(c.token_ids)
             if one_answer:
@@ -199,14 +284,14 @@ class StepEnv:
                 seen = seen if answer is None else {answer: seen[answer]}
             texts.append(list(seen))
             counts.append(list(seen.values()))
-        with self.stats.timed("sandbox"):
+        with stats.timed("sandbox"):
             outcomes = self.runner.expand([(req.path_texts, t) for req, t in zip(requests, texts)])
         rows: list[list[Child]] = []
         for req, outs, ns in zip(requests, outcomes, counts):
             row: list[Child] = []
             for out, n in zip(outs, ns):
                 if out.program:
-                    self.stats.programs[req.problem.id] += 1
+                    stats.programs[req.problem.id] += 1
                 ids = self.encode(out.text)
                 kind, reason = out.kind, out.reason
                 if len(ids) > self.step_len:
@@ -217,25 +302,23 @@ class StepEnv:
                                  exec_status=out.result.status if out.result is not None else None, num_tokens=n))
             rows.append(row)
         if grade:
-            rows = self._grade(requests, rows)
+            rows = self._grade(requests, rows, stats)
         if score and self.scorer is not None:
-            rows = self._score(requests, rows)
-        if self.on_expand is not None:
-            self.on_expand()
+            rows = self._score(requests, rows, stats)
         return rows
 
-    def _grade(self, requests: Sequence[Request], rows: list[list[Child]]) -> list[list[Child]]:
+    def _grade(self, requests: Sequence[Request], rows: list[list[Child]], stats: Stats) -> list[list[Child]]:
         where = [(i, j) for i, row in enumerate(rows) for j, c in enumerate(row) if c.kind == StepKind.ANSWER_TERMINAL]
-        with self.stats.timed("grading"):
+        with stats.timed("grading"):
             ok = self.grader.equivalent_many([(requests[i].problem.answer, rows[i][j].answer) for i, j in where])
         for (i, j), good in zip(where, ok):
             rows[i][j] = dataclasses.replace(rows[i][j], correct=good)
         return rows
 
-    def _score(self, requests: Sequence[Request], rows: list[list[Child]]) -> list[list[Child]]:
+    def _score(self, requests: Sequence[Request], rows: list[list[Child]], stats: Stats) -> list[list[Child]]:
         where = [(i, j) for i, row in enumerate(rows) for j, c in enumerate(row) if c.kind != StepKind.INVALID]
         items = [(requests[i].problem, [*requests[i].path_texts, rows[i][j].text]) for i, j in where]
-        scores = self.score_paths(items) if items else []
+        scores = self.score_paths(items, stats) if items else []
         for (i, j), s in zip(where, scores):
             rows[i][j] = dataclasses.replace(rows[i][j], score=float(s[-1]))
         return rows
