@@ -14,6 +14,7 @@ from rstar_jax.math.steps import StepRunner, split_observation
 from rstar_jax.engine import Completion
 from rstar_jax.sandbox import SandboxPool
 from rstar_jax.search.policy import StepEnv
+from rstar_jax.search.scheduler import drive
 
 PROBLEM = Problem("mia", "Mia has 12 dollars and earns 5. How many now?", "17", None, None, "test")
 S1 = "<code>\n# Mia has 12 dollars.\nmoney = 12\n<end_of_step>"
@@ -72,7 +73,8 @@ def test_soft_and_hard_labels_from_scripted_completions(pool, tiny_tokenizer):
     with Grader() as grader:
         policy = ScriptedPolicy(tiny_tokenizer, bonus=1)
         env = _env(pool, policy, tiny_tokenizer, grader)
-        rec = label_solution(env, Solution(PROBLEM, (S1, S2, S3, S4)), MCConfig(k=4, threshold=2), jax.random.key(0))
+        rec = drive(env, label_solution(env, Solution(PROBLEM, (S1, S2, S3, S4)), MCConfig(k=4, threshold=2),
+                                        jax.random.key(0)))
         assert rec["correct_counts"] == [1, 3, 4, 4]
         assert rec["soft_labels"] == [0.25, 0.75, 1.0, 1.0] and rec["labels"] == rec["soft_labels"]
         assert rec["hard_labels"] == [0, 1, 1, 1] and rec["first_error"] == 0
@@ -81,8 +83,8 @@ def test_soft_and_hard_labels_from_scripted_completions(pool, tiny_tokenizer):
         # a wrong solution: its answer step is labelled 0 without completions; threshold 1 = Math-Shepherd hard
         policy = ScriptedPolicy(tiny_tokenizer, bonus=1)
         env = _env(pool, policy, tiny_tokenizer, grader)
-        rec = label_solution(env, Solution(PROBLEM, (S1, WRONG_S2, WRONG_S3)), MCConfig(k=4, labels="hard"),
-                             jax.random.key(0))
+        rec = drive(env, label_solution(env, Solution(PROBLEM, (S1, WRONG_S2, WRONG_S3)), MCConfig(k=4, labels="hard"),
+                                        jax.random.key(0)))
         # after S1: 1/4 as above; after the printed 12 every completion boxes 12 -> 0/4
         assert rec["correct_counts"] == [1, 0, 0]
         assert rec["hard_labels"] == [1, 0, 0] and rec["labels"] == [1.0, 0.0, 0.0] and rec["first_error"] == 1

@@ -52,7 +52,7 @@ def test_search_writes_trees_results_summary_and_resumes(tiny_hf_folder, tmp_pat
     # problem 2 leads its batch both times, so it is searched with the same key: same samples, same result
     assert again[2]["answer"] == recs[2]["answer"] and again[2]["tokens"] == recs[2]["tokens"]
     assert json.loads((out / "summary.json").read_text())["problems"] == 4
-    assert not (out / "batch_state.npz").exists()  # removed once its batch's results are written
+    assert not list((out / "inflight").glob("*.npz"))  # removed once its batch's results are written
 
 
 def test_search_killed_mid_batch_continues_the_batch(tiny_hf_folder, tmp_path, monkeypatch):
@@ -68,10 +68,10 @@ def test_search_killed_mid_batch_continues_the_batch(tiny_hf_folder, tmp_path, m
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         job(folder, out, rollouts=2, limit=2)
-    assert (out / "batch_state.npz").is_file() and not (out / "results.jsonl").read_text()
+    assert list((out / "inflight").glob("*.npz")) and not (out / "results.jsonl").read_text()
     monkeypatch.setattr(BatchCheckpoint, "save", save)
     resumed = job(folder, out, rollouts=2, limit=2)
-    assert not (out / "batch_state.npz").exists()
+    assert not list((out / "inflight").glob("*.npz"))
     keep = ("id", "answer", "tokens", "sandbox_calls", "tree")
     assert [{k: r[k] for k in keep} for r in lines(out / "results.jsonl")] == \
         [{k: r[k] for k in keep} for r in lines(tmp_path / "whole" / "results.jsonl")]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 import jax
 from tqdm import tqdm
@@ -33,7 +33,9 @@ from rstar_jax.data import Problem
 from rstar_jax.jsonl import InputError, ResumableJsonl, iter_jsonl
 from rstar_jax.math.steps import StepKind, parse_step, split_observation
 from rstar_jax.search.mcts import path_texts, request_key
-from rstar_jax.search.policy import Request, StepEnv, question_prompt
+from rstar_jax.search import scheduler
+from rstar_jax.search.policy import Request, Stats, StepEnv, question_prompt
+from rstar_jax.search.scheduler import Expand
 
 UNBOUNDED_STEP = 1 << 30  # rollouts keep no fixed-size token buffer, so no step is too long for one
 
@@ -71,8 +73,9 @@ class Solution:
 
 
 def rollouts_correct(env: StepEnv, starts: Sequence[tuple[Problem, tuple[str, ...]]], key: jax.Array,
-                     temperature: float, batch: int = 64) -> list[bool]:
-    """One completion from each (problem, path so far), one step per policy call; does it reach the gold answer?"""
+                     temperature: float, batch: int = 64) -> Generator[Expand, list, list[bool]]:
+    """One completion from each (problem, path so far), `batch` advancing together one step per expansion; does it
+    reach the gold answer?"""
     correct = [False] * len(starts)
     for lo in range(0, len(starts), batch):
         paths = {i: list(starts[i][1]) for i in range(lo, min(lo + batch, len(starts)))}
@@ -82,7 +85,8 @@ def rollouts_correct(env: StepEnv, starts: Sequence[tuple[Problem, tuple[str, ..
             live = list(paths)
             requests = [Request(i, starts[i][0], tuple(paths[i]), tuple(ids[i]), request_key(key, i, depth))
                         for i in live]
-            for i, [child] in zip(live, env.expand(requests, 1, temperature, grade=True, score=False)):
+            rows = yield Expand(requests, 1, temperature, grade=True, score=False)
+            for i, [child] in zip(live, rows):
                 if child.kind == StepKind.ANSWER_TERMINAL:
                     correct[i] = bool(child.correct)
                 if child.kind in (StepKind.ANSWER_TERMINAL, StepKind.INVALID):
@@ -99,15 +103,16 @@ def _answer_of(step_text: str) -> str | None:
     return parsed.answer if parsed.kind == StepKind.ANSWER_TERMINAL else None
 
 
-def label_solution(env: StepEnv, solution: Solution, cfg: MCConfig, key: jax.Array) -> dict[str, Any]:
-    """The PRM record of one solution (see the module docstring)."""
+def label_solution(env: StepEnv, solution: Solution, cfg: MCConfig, key: jax.Array,
+                   stats: Stats | None = None) -> Generator[Expand, list, dict[str, Any]]:
+    """The PRM record of one solution (see the module docstring); a generator for `scheduler.run`."""
     if env.grader is None:
         raise ValueError("mc labels: the step environment needs a Grader")
     steps = solution.steps
     answers = [_answer_of(s) for s in steps]
     rolled = [i for i, a in enumerate(answers) if a is None]
     starts = [(solution.problem, steps[: i + 1]) for i in rolled for _ in range(cfg.k)]
-    outcomes = iter(rollouts_correct(env, starts, key, cfg.temperature, cfg.batch))
+    outcomes = iter((yield from rollouts_correct(env, starts, key, cfg.temperature, cfg.batch)))
     counts = [0] * len(steps)
     for i in rolled:
         counts[i] = sum(next(outcomes) for _ in range(cfg.k))
@@ -127,19 +132,28 @@ def label_solution(env: StepEnv, solution: Solution, cfg: MCConfig, key: jax.Arr
 
 
 def mc_labels(env: StepEnv, solutions: Sequence[Solution], cfg: MCConfig, key: jax.Array, *,
-              out: str | Path | None = None) -> list[dict[str, Any]]:
-    """PRM records for `solutions`; with `out`, appended as they finish, and a rerun resumes after the last one."""
+              out: str | Path | None = None, in_flight: int = 8) -> list[dict[str, Any]]:
+    """PRM records for `solutions`, `in_flight` solutions labelled at a time; with `out`, appended in order as they
+    finish, and a rerun resumes after the last complete record."""
     writer = ResumableJsonl(out) if out is not None else None
     records = list(writer.records) if writer else []
     if [r.get("id") for r in records] != [s.problem.id for s in solutions[: len(records)]]:
         raise MCLabelError(f"{out}: existing records do not match these solutions; choose another output")
+    todo = range(len(records), len(solutions))
+    finished: dict[int, dict[str, Any]] = {}  # solutions finish out of order; records are written in order
     try:
-        todo = range(len(records), len(solutions))
-        for i in tqdm(todo, desc="mc labels", unit="solution", disable=len(todo) < 2, file=sys.stderr):
-            rec = label_solution(env, solutions[i], cfg, jax.random.fold_in(key, i))
-            records.append(rec)
-            if writer:
-                writer.append(rec)
+        with tqdm(todo, desc="mc labels", unit="solution", disable=len(todo) < 2, file=sys.stderr) as bar:
+            def done(i: int, rec: dict[str, Any], stats: Stats) -> None:
+                finished[i] = rec
+                while len(records) in finished:
+                    records.append(finished.pop(len(records)))
+                    if writer:
+                        writer.append(records[-1])
+                env.stats.add(stats)
+                bar.update()
+
+            scheduler.run(env, ((i, label_solution(env, solutions[i], cfg, jax.random.fold_in(key, i)), Stats())
+                                for i in todo), in_flight, done)
     finally:
         if writer:
             writer.close()

@@ -8,7 +8,8 @@
           them and the `samples` best partial solutions (by aggregated step scores) survive; a surviving
           answer terminal leaves the beam as a finished solution. Pick: the best finished solution.
 
-Chains of all problems advance together: one policy call per step for every live chain. Reward scores are
+Each problem is searched on its own (`problem_search`, a generator for `scheduler.run`): its chains advance
+together, one expansion per step for all its live chains. Reward scores are
 mapped to [0, 1] before aggregating (`StepEnv.unit_value`), so `product` is a probability for PPM heads too.
 Answers are graded against the gold answer only to record correctness in the saved tree; no pick uses it.
 Each problem's chains are saved as one tree (`tree_io.TreeBuilder`): every chain or beam step is a node.
@@ -17,7 +18,8 @@ Each problem's chains are saved as one tree (`tree_io.TreeBuilder`): every chain
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Any, Generator, Sequence
 
 import jax
 
@@ -27,7 +29,9 @@ from rstar_jax.scoring import AGGREGATIONS, aggregate
 from rstar_jax.search import tree_io
 from rstar_jax.search.mcts import (ProblemResult, SearchConfigError, check_choice, check_nonnegative, check_positive,
                                    request_key)
-from rstar_jax.search.policy import Child, Request, StepEnv
+from rstar_jax.search import scheduler
+from rstar_jax.search.policy import Child, Request, Stats, StepEnv
+from rstar_jax.search.scheduler import Expand, ProblemSearch
 
 METHODS = ("greedy", "maj", "bon", "beam")
 
@@ -79,14 +83,14 @@ def _request(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array
 
 
 def run_chains(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], chains: list[Chain],
-               builders: list[tree_io.TreeBuilder], temperature: float) -> list[Chain]:
+               builders: list[tree_io.TreeBuilder], temperature: float) -> Generator[Expand, list, list[Chain]]:
     """Advance every chain one step at a time (one policy call per step) until each ends or hits max_depth."""
     for _ in range(env.max_depth):
         live = [i for i, ch in enumerate(chains) if not ch.finished]
         if not live:
             break
-        out = env.expand([_request(env, problems, keys, chains[i]) for i in live], 1, temperature,
-                         grade=True, score=False)
+        out = yield Expand([_request(env, problems, keys, chains[i]) for i in live], 1, temperature, grade=True,
+                           score=False)
         for i, (child,) in zip(live, out):
             ch = chains[i]
             chains[i] = ch.extend(child, builders[ch.problem].add(ch.node, child))
@@ -94,7 +98,8 @@ def run_chains(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Arr
 
 
 def beam_search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], cfg: BaselineConfig,
-                builders: list[tree_io.TreeBuilder], question_ids: list[tuple[int, ...]]) -> list[Chain | None]:
+                builders: list[tree_io.TreeBuilder], question_ids: list[tuple[int, ...]]
+                ) -> Generator[Expand, list, list[Chain | None]]:
     """Step-level beam search; per problem the best finished solution (None if no beam reached an answer)."""
     beams = [[Chain(b, 0, [], 0, question_ids[b])] for b in range(len(problems))]  # each starts at its root
     finished: list[list[Chain]] = [[] for _ in problems]
@@ -102,8 +107,8 @@ def beam_search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Ar
         live = [ch for row in beams for ch in row]
         if not live:
             break
-        out = env.expand([_request(env, problems, keys, ch) for ch in live], cfg.candidates, cfg.temperature,
-                         grade=True, score=True)
+        out = yield Expand([_request(env, problems, keys, ch) for ch in live], cfg.candidates, cfg.temperature,
+                           grade=True, score=True)
         pool: list[list[tuple[float, Chain]]] = [[] for _ in problems]
         for ch, children in zip(live, out):
             for child in children:
@@ -120,35 +125,42 @@ def beam_search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Ar
     return [max(done, key=lambda ch: aggregate(ch.scores, cfg.aggregation), default=None) for done in finished]
 
 
-def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], cfg: BaselineConfig,
-           meta: dict[str, Any] | None = None) -> list[ProblemResult]:
-    if cfg.needs_reward_model and env.scorer is None:
-        raise SearchConfigError(f"method {cfg.method}: needs a reward model (--reward-model)")
+def problem_search(env: StepEnv, problem: Problem, key: jax.Array, cfg: BaselineConfig, stats: Stats,
+                   meta: dict[str, Any] | None = None) -> ProblemSearch:
+    """The baseline for one problem (a generator for `scheduler.run`): its chains or beams advance together."""
+    problems, keys = [problem], [key]
     builders = [tree_io.TreeBuilder() for _ in problems]
     question_ids = [env.question_ids(p) for p in problems]
     picks: list[str | None]
     if cfg.method == "beam":
-        picks = [ch.answer if ch else None for ch in beam_search(env, problems, keys, cfg, builders, question_ids)]
+        best = yield from beam_search(env, problems, keys, cfg, builders, question_ids)
+        picks = [ch.answer if ch else None for ch in best]
     else:
         n, temperature = (1, 0.0) if cfg.method == "greedy" else (cfg.samples, cfg.temperature)
         chains = [Chain(b, s, [], 0, question_ids[b]) for b in range(len(problems)) for s in range(n)]
-        chains = run_chains(env, problems, keys, chains, builders, temperature)
+        chains = yield from run_chains(env, problems, keys, chains, builders, temperature)
         per_problem = [[ch for ch in chains if ch.problem == b] for b in range(len(problems))]
         if cfg.method == "bon":
             answered = [ch for ch in chains if ch.answer is not None]
-            scores = env.score_paths([(problems[ch.problem], [c.text for c in ch.path]) for ch in answered])
+            scores = env.score_paths([(problems[ch.problem], [c.text for c in ch.path]) for ch in answered], stats)
             ranked = {id(ch): aggregate([env.unit_value(s, 0.0) for s in sc], cfg.aggregation)
                       for ch, sc in zip(answered, scores)}
             picks = [max(((ranked[id(ch)], -ch.sample, ch.answer) for ch in row if id(ch) in ranked),
                          default=(0, 0, None))[2] for row in per_problem]
         else:
             picks = [env.grader.majority_vote([ch.answer for ch in row]).answer for row in per_problem]
-    results = []
-    for b, p in enumerate(problems):
-        info = {"problem": {"id": p.id, "question": p.question, "answer": p.answer}, "method": cfg.method,
-                "mode": "inference", "config": dataclasses.asdict(cfg), "answer": picks[b]} | (meta or {})
-        saved = builders[b].build(info)
-        graded = [n["correct"] for n in saved.nodes if n.get("kind") == StepKind.ANSWER_TERMINAL.value]
-        solved = any(graded) if any(g is not None for g in graded) else None
-        results.append(ProblemResult(picks[b], picks[b], solved, saved))
-    return results
+    info = {"problem": {"id": problem.id, "question": problem.question, "answer": problem.answer},
+            "method": cfg.method, "mode": "inference", "config": dataclasses.asdict(cfg), "answer": picks[0]} | (meta or {})
+    saved = builders[0].build(info)
+    graded = [n["correct"] for n in saved.nodes if n.get("kind") == StepKind.ANSWER_TERMINAL.value]
+    solved = any(graded) if any(g is not None for g in graded) else None
+    return ProblemResult(picks[0], picks[0], solved, saved)
+
+
+def search(env: StepEnv, problems: Sequence[Problem], keys: Sequence[jax.Array], cfg: BaselineConfig,
+           meta: dict[str, Any] | None = None, in_flight: int | None = None) -> list[ProblemResult]:
+    """The baseline for every problem (`problem_search`), `in_flight` at a time (default: all)."""
+    if cfg.needs_reward_model and env.scorer is None:
+        raise SearchConfigError(f"method {cfg.method}: needs a reward model (--reward-model)")
+    return scheduler.search_all(env, [functools.partial(problem_search, env, p, k, cfg, meta=meta)
+                                      for p, k in zip(problems, keys)], in_flight)

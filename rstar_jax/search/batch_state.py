@@ -75,6 +75,7 @@ class BatchCheckpoint:
                             "policy_calls": stats.policy_calls}}
         arrays = {f"tree.{f.name}": np.asarray(getattr(state.tree, f.name)) for f in dataclasses.fields(Tree)}
         arrays |= {f"flag.{k}": np.asarray(v) for k, v in state.flags.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp.npz")
         np.savez_compressed(tmp, header=np.asarray(json.dumps(header, ensure_ascii=False)), **arrays)
         os.replace(tmp, self.path)

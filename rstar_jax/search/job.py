@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -198,12 +199,13 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             env.stats = Stats()
-            checkpoint = BatchCheckpoint(out_dir / "batch_state.npz",
-                                         {"ids": [p.id for p in chunk], "settings": settings})
+            states = {p.id: BatchCheckpoint(out_dir / "inflight" / f"{tree_io.tree_stem(p.id)}.npz",
+                                            {"id": p.id, "settings": settings}) for p in chunk}
             keys = [jax.random.fold_in(root_key, zlib.crc32(p.id.encode())) for p in chunk]
-            resumable = {"checkpoint": checkpoint} if outer else {}
+            resumable = {"checkpoint_of": lambda p: states[p.id]} if outer else {}
+            t0 = time.perf_counter()
             found = driver(env, chunk, keys, method_cfg, meta={"model": settings["model"]}, **resumable)
-            share = checkpoint.elapsed() / len(chunk)
+            share = (time.perf_counter() - t0) / len(chunk)
             correct = grader.equivalent_many([(p.answer, r.answer) for p, r in zip(chunk, found)])
             found = [_graded(grader, p, r) for p, r in zip(chunk, found)]
             for p, r, ok in zip(chunk, found, correct):
@@ -215,7 +217,8 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
                     "seconds": {k: round(env.stats.seconds[k] / len(chunk), 4) for k in PHASES},
                     "tree": str(path.relative_to(out_dir)),
                 })
-            checkpoint.clear()
+            for state in states.values():
+                state.clear()
             write_json(out_dir / "summary.json", summarize(results.records, settings))
             bar.update(len(chunk))
     results.close()

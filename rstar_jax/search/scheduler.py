@@ -58,6 +58,18 @@ class _Problem:
     search: ProblemSearch
     stats: Stats
     expand: Expand | None = None
+    submitted: float = 0.0
+
+
+def drive(env: StepEnv, search: ProblemSearch) -> object:
+    """Run one search to its end, each expansion in turn (`StepEnv.expand`): what `run` does for one problem."""
+    rows = None
+    try:
+        while True:
+            e = search.send(rows) if rows is not None else next(search)
+            rows = env.expand(e.requests, e.num, e.temperature, grade=e.grade, score=e.score, one_answer=e.one_answer)
+    except StopIteration as stop:
+        return stop.value
 
 
 def search_all(env: StepEnv, searches: Sequence[Callable[..., ProblemSearch]], in_flight: int | None = None) -> list:
@@ -98,7 +110,7 @@ def run(env: StepEnv, problems: Iterable[tuple[object, ProblemSearch, Stats]], i
             running -= 1
             on_result(p.key, stop.value, p.stats)
             return
-        p.expand = exp
+        p.expand, p.submitted = exp, time.perf_counter()
         active[propose.submit(env.with_shared_prefix(exp.requests), exp.num, exp.temperature)] = p
 
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="host") as pool:
@@ -113,6 +125,7 @@ def run(env: StepEnv, problems: Iterable[tuple[object, ProblemSearch, Stats]], i
                 break
             for ticket, completions in propose.poll():
                 p = active.pop(ticket)
+                p.stats.seconds["sampling"] += time.perf_counter() - p.submitted  # in the engine, shared with others
                 e = p.expand
                 host[pool.submit(env.children, e.requests, completions, grade=e.grade, score=e.score,
                                  one_answer=e.one_answer, stats=p.stats)] = p
