@@ -16,7 +16,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from rstar_jax.search.job import run_search
+from rstar_jax.search.baselines import BaselineConfig
+from rstar_jax.search.job import SearchConfig, run_search
+from rstar_jax.search.mcts import MCTSConfig
+from rstar_jax.search.mcts_star import StarSearchConfig
 from rstar_jax.search.policy import PHASES
 
 
@@ -39,9 +42,12 @@ def main() -> None:
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_search_"))
     rows = []
     for method in a.methods:
-        s = run_search(a.model, a.problems, method, str(out / method), reward_model=a.reward_model,
-                       rollouts=a.rollouts, candidates=a.candidates, samples=a.samples, max_depth=a.max_depth,
-                       mode=a.mode, batch=a.batch, limit=a.limit, max_new_tokens=a.max_new_tokens)
+        s = run_search(SearchConfig(
+            model=a.model, problems=a.problems, method=method, out=str(out / method), reward_model=a.reward_model,
+            mode=a.mode, max_depth=a.max_depth, batch=a.batch, limit=a.limit or 0, max_new_tokens=a.max_new_tokens,
+            mcts=MCTSConfig(rollouts=a.rollouts, candidates=a.candidates),
+            mcts_star=StarSearchConfig(iterations=a.rollouts, branch=a.candidates),
+            baseline=BaselineConfig(samples=a.samples, candidates=a.candidates)))
         rows.append((method, s))
         print(json.dumps({"method": method, **s}), flush=True)
     print(f"\nmodel {a.model}, problems {a.problems}, rollouts {a.rollouts}, candidates {a.candidates}, "

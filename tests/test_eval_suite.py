@@ -154,7 +154,7 @@ def test_eval_without_reward_model_skips_bon_and_beam(tiny_hf_folder, tmp_path, 
     (["--model", "m"], "--model: needs --problems"),
     (["--model", "m", "--problems", SPEC, "--samples", "s.jsonl"], "either --samples FILE or --model M"),
     ([], "either --samples FILE or --model M"),
-    (["--model", "m", "--problems", SPEC, "--methods", "greedy,dfs"], "--methods 'greedy,dfs'"),
+    (["--model", "m", "--problems", SPEC, "--methods", "greedy,dfs"], "--methods: methods: 'dfs' is not one of"),
     (["--model", "m", "--problems", SPEC, "--methods", "beam"], "needs --reward-model"),
     (["--model", "m", "--problems", SPEC, "--num-samples", "0"], "samples=0"),
 ])

@@ -9,11 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rstar_jax.evaluate.processbench import (ProcessBenchError, Row, best_threshold, candidate_thresholds,
-                                             diagnostics, first_error, load_rows, processbench_metrics,
-                                             run_processbench, split_calibration, sweep)
+from rstar_jax.evaluate.processbench import (ProcessBenchConfig, ProcessBenchError, Row, best_threshold,
+                                             candidate_thresholds, diagnostics, first_error, load_rows,
+                                             processbench_metrics, run_processbench, split_calibration, sweep)
 
 SHARED_PB = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench_gsm8k.json"
+
+
+def _cfg(data, out, reward_model="scorer", **kw):
+    return ProcessBenchConfig(reward_model=reward_model, data=str(data), out=str(out), **kw)
 
 
 def _row(label, n_steps, final_ok=False, rid=None):
@@ -96,14 +100,14 @@ def test_oracle_gets_f1_100_and_constant_gets_the_expected_numbers(tmp_path):
             out.append([0.0 if label != -1 and i >= label else 1.0 for i in range(len(steps))])
         return out
 
-    report = run_processbench(oracle, path, tmp_path / "oracle")
+    report = run_processbench(_cfg(path, tmp_path / "oracle"), oracle)
     assert report["eval"]["f1"] == 100.0 and report["eval_upper_bound"]["f1"] == 100.0
     assert 0.0 < report["calibration"]["threshold"] <= 1.0
 
     def constant(items):
         return [[0.7] * len(steps) for _, steps in items]
 
-    report = run_processbench(constant, path, tmp_path / "const")
+    report = run_processbench(_cfg(path, tmp_path / "const"), constant)
     _, eval_idx = split_calibration(rows, 0.5, 0)
     eval_rows = [rows[i] for i in eval_idx]
     n_err = sum(r.label != -1 for r in eval_rows)
@@ -128,7 +132,7 @@ def test_threshold_is_fixed_on_calibration_then_applied(tmp_path):
     def scorer(items):
         return [[first[p], 1.0] for p, _ in items]
 
-    report = run_processbench(scorer, tmp_path / "e.jsonl", tmp_path / "out", calibration_path=tmp_path / "c.jsonl")
+    report = run_processbench(_cfg(tmp_path / "e.jsonl", tmp_path / "out", calibration=str(tmp_path / "c.jsonl")), scorer)
     assert report["calibration"]["threshold"] == pytest.approx(0.5) and report["calibration"]["f1"] == 100.0
     # at 0.5 on eval: e0 (0.5) is not below -> wrong; e1 wrong; both correct rows right
     assert report["eval"]["error_acc"] == 0.0 and report["eval"]["correct_acc"] == 100.0
@@ -163,7 +167,7 @@ def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels)
     data = tmp_path / "subset.jsonl"
     data.write_text("".join(json.dumps({"id": r.id, "problem": r.problem, "steps": list(r.steps), "label": r.label,
                                         "final_answer_correct": r.final_answer_correct}) + "\n" for r in rows))
-    report = run_processbench(str(folder), data, tmp_path / "out", batch_size=8)
+    report = run_processbench(_cfg(data, tmp_path / "out", reward_model=str(folder), batch_size=8))
     preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert sorted(p["id"] for p in preds) == sorted(r.id for r in rows)
     # the written scores are the reward model's reported scores read at each step's end
@@ -176,5 +180,5 @@ def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels)
     assert report["eval"]["f1"] <= report["eval_upper_bound"]["f1"]
     with pytest.raises(ProcessBenchError, match="not a reward model"):
         from rstar_jax.models.hf_io import save_causal_lm
-        run_processbench(str(save_causal_lm(tmp_path / "lm", cfg, init_params(cfg, jax.random.key(1)), tiny_tokenizer)),
-                         data, tmp_path / "out2")
+        lm = save_causal_lm(tmp_path / "lm", cfg, init_params(cfg, jax.random.key(1)), tiny_tokenizer)
+        run_processbench(_cfg(data, tmp_path / "out2", reward_model=str(lm)))

@@ -1,6 +1,7 @@
 """The `search` job: problems in; per problem a saved tree, a results line; a summary; resumable.
 
-    DIR/config.json     the run's settings (a rerun with other settings into the same DIR is refused)
+    DIR/config.json     the run's settings, written once every input is checked (a rerun with other settings
+                        into the same DIR is refused, naming the differing key)
     DIR/trees/          one saved tree per problem (`tree_io`), written before its results line
     DIR/results.jsonl   one line per finished problem: id, answer, gold, correct, solved, tokens, sandbox
                         calls, wall seconds and the per-phase seconds (its share of its batch)
@@ -25,9 +26,13 @@ import json
 import sys
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from rstar_jax.jsonl import InputError, ResumableJsonl, write_json
+from rstar_jax.config import InferenceConfig, SandboxSection, at_least, first_difference, section
+from rstar_jax.jsonl import InputError, ResumableJsonl, read_json, write_json
+from rstar_jax.search.baselines import BaselineConfig
+from rstar_jax.search.mcts import MCTSConfig
+from rstar_jax.search.mcts_star import StarSearchConfig
 from rstar_jax.search.policy import PHASES
 
 METHODS = ("mcts", "mcts-star", "greedy", "maj", "bon", "beam")
@@ -38,24 +43,55 @@ class SearchJobError(InputError):
     """A bad `search` argument (one line naming it)."""
 
 
-def method_config(method: str, mode: str, rollouts: int | None, candidates: int | None, samples: int | None,
-                  temperature: float | None, aggregation: str):
-    """The driver config of `method`, with each unset budget at its method's default."""
-    from rstar_jax.search.baselines import BaselineConfig
-    from rstar_jax.search.mcts import MCTSConfig
-    from rstar_jax.search.mcts_star import StarSearchConfig
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchSettings(InferenceConfig):
+    """How problems are searched, whatever the policy and method: shared by `search` and `eval`."""
 
-    def given(**kw: Any) -> dict[str, Any]:
-        return {k: v for k, v in kw.items() if v is not None}
+    limit: int = 0  # the first this many problems (0: all)
+    batch: int = 8  # problems searched together
+    seed: int = 0
+    max_depth: int = 16  # steps per trajectory
+    max_new_tokens: int = 256  # per step
+    few_shot: int = 2  # synthetic reference solutions in the prompt
+    prompt_file: str = ""  # a file whose text is the few-shot prompt instead
+    sandbox: SandboxSection = SandboxSection()
+    mcts: MCTSConfig = section(MCTSConfig(), fixed=("mode",))
+    baseline: BaselineConfig = section(BaselineConfig(), fixed=("method",))
 
-    if method == "mcts":
-        return MCTSConfig(mode=mode, **given(rollouts=rollouts, candidates=candidates, temperature=temperature))
-    if method == "mcts-star":
-        return StarSearchConfig(mode=mode, **given(iterations=rollouts, branch=candidates, temperature=temperature))
-    if method in ("greedy", "maj", "bon", "beam"):
-        return BaselineConfig(method=method, aggregation=aggregation,
-                              **given(samples=samples, candidates=candidates, temperature=temperature))
-    raise SearchJobError(f"--method {method!r}: must be one of {', '.join(METHODS)}")
+    def __post_init__(self):
+        at_least(0, limit=self.limit, few_shot=self.few_shot)
+        at_least(1, batch=self.batch, max_depth=self.max_depth, max_new_tokens=self.max_new_tokens)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchConfig(SearchSettings):
+    model: str  # the policy: HF folder, .gguf, alias, or an exported checkpoint folder
+    problems: str  # a problem jsonl or a synthetic spec "synth:levels=1-2,n=32,seed=0"
+    method: Literal["mcts", "mcts-star", "greedy", "maj", "bon", "beam"]
+    out: str  # output folder; rerun the same command to resume
+    mode: Literal["terminal", "ppm", "inference"] = "terminal"  # mcts / mcts-star: what the gold answer is used for
+    reward_model: str | None = None  # PPM / value / PRM folder
+    mcts_star: StarSearchConfig = section(StarSearchConfig(), fixed=("mode",))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tree_search and self.mode == "ppm" and self.reward_model is None:
+            raise SearchJobError("mode ppm (--mode ppm): needs a reward model (--reward-model)")
+        if getattr(self.driver_config, "needs_reward_model", False) and self.reward_model is None:
+            raise SearchJobError(f"method {self.method} (--method): needs a reward model (--reward-model)")
+
+    @property
+    def tree_search(self) -> bool:
+        return self.method in ("mcts", "mcts-star")
+
+    @property
+    def driver_config(self) -> MCTSConfig | StarSearchConfig | BaselineConfig:
+        """The method's own config, as its driver takes it."""
+        if self.method == "mcts":
+            return dataclasses.replace(self.mcts, mode=self.mode)
+        if self.method == "mcts-star":
+            return dataclasses.replace(self.mcts_star, mode=self.mode)
+        return dataclasses.replace(self.baseline, method=self.method)
 
 
 def few_shot_text(problems_spec: str, n: int | str) -> str:
@@ -103,62 +139,68 @@ def _graded(grader, problem, result):
     return dataclasses.replace(result, solved=any(grader.equivalent_many([(problem.answer, a) for a in answers])))
 
 
-def run_search(model: str, problems: str, method: str, out: str, *, reward_model: str | None = None,
-               rollouts: int | None = None, candidates: int | None = None, samples: int | None = None,
-               max_depth: int = 16, mode: str = "terminal", limit: int | None = None, batch: int = 8, seed: int = 0,
-               temperature: float | None = None, max_new_tokens: int = 256, few_shot: int | str = 2,
-               aggregation: str = "min", sandbox_workers: int | None = None, sandbox_timeout: float = 5.0,
-               allow_insecure_sandbox: bool = False, dtype: str = "float32", progress: bool = True,
-               pool=None) -> dict[str, Any]:
-    """Run `method` over `problems` (a jsonl path or a "synth:..." spec) into `out`; returns the summary.
-    `pool`: a running SandboxPool to use (a driver running many searches starts one, before JAX)."""
+def check_models(cfg: SearchSettings, model: str, reward_model: str | None) -> None:
+    """The policy is a causal LM, the reward model a reward model, and a step fits the policy's context: checked
+    from their config files before any work (and before the sandbox forks: nothing here starts JAX)."""
+    from rstar_jax.models.hf_io import model_config
+
+    policy = model_config(model, reward=False, name="--model")
+    policy.check_positions(cfg.max_new_tokens, f"max_new_tokens={cfg.max_new_tokens} (per step)")
+    if reward_model is not None:
+        model_config(reward_model, reward=True, name="--reward-model")
+
+
+def prompt_text(cfg: SearchConfig) -> str:
+    """The few-shot text the policy is prompted with."""
+    if not cfg.prompt_file:
+        return few_shot_text(cfg.problems, cfg.few_shot)
+    try:
+        return Path(cfg.prompt_file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SearchJobError(f"prompt_file {cfg.prompt_file!r}: cannot read ({e.strerror})") from None
+
+
+def run_search(cfg: SearchConfig, *, progress: bool = True, pool=None) -> dict[str, Any]:
+    """Run `cfg.method` over `cfg.problems` into `cfg.out`; returns the summary. Every input is checked before the
+    folder's config.json is written. `pool`: a running SandboxPool to use (a driver running many searches starts
+    one, before JAX)."""
+    from rstar_jax.data import load_problems
     from rstar_jax.sandbox import SandboxPool
 
-    for name, v in (("--batch", batch), ("--max-depth", max_depth), ("--max-new-tokens", max_new_tokens)):
-        if v < 1:
-            raise SearchJobError(f"{name}={v}: must be >= 1")
-    if limit is not None and limit < 1:
-        raise SearchJobError(f"--limit={limit}: must be >= 1")
-    if mode not in ("terminal", "ppm", "inference"):
-        raise SearchJobError(f"--mode {mode!r}: must be one of terminal, ppm, inference")
-    method_cfg = method_config(method, mode, rollouts, candidates, samples, temperature, aggregation)
-    if mode == "ppm" and method in ("mcts", "mcts-star") and reward_model is None:
-        raise SearchJobError("--mode ppm: needs --reward-model")
-    if getattr(method_cfg, "needs_reward_model", False) and reward_model is None:
-        raise SearchJobError(f"--method {method}: needs --reward-model")
-    settings = {"model": model, "reward_model": reward_model, "problems": problems, "method": method,
-                "mode": mode if method in ("mcts", "mcts-star") else "inference", "max_depth": max_depth,
-                "seed": seed, "max_new_tokens": max_new_tokens, "few_shot": few_shot,
-                "config": dataclasses.asdict(method_cfg),
-                "gold_used_in_search": method in ("mcts", "mcts-star") and mode != "inference"}
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    problems = load_problems(cfg.problems, limit=cfg.limit or None)
+    few_shot = prompt_text(cfg)
+    check_models(cfg, cfg.model, cfg.reward_model)
+    settings = {"model": cfg.model, "reward_model": cfg.reward_model, "problems": cfg.problems, "method": cfg.method,
+                "mode": cfg.mode if cfg.tree_search else "inference", "max_depth": cfg.max_depth, "seed": cfg.seed,
+                "max_new_tokens": cfg.max_new_tokens, "few_shot": few_shot if cfg.prompt_file else cfg.few_shot,
+                "dtype": cfg.dtype, "config": dataclasses.asdict(cfg.driver_config),
+                "gold_used_in_search": cfg.tree_search and cfg.mode != "inference"}
+    out_dir = Path(cfg.out)
     config_path = out_dir / "config.json"
     if config_path.is_file():
-        old = json.loads(config_path.read_text())
-        if old != settings:
-            diff = next(k for k in settings if old.get(k) != settings[k])
-            raise SearchJobError(f"{out}: holds a run with another {diff} ({old.get(diff)!r}); choose another --out")
+        diff = first_difference(read_json(config_path), json.loads(json.dumps(settings)))
+        if diff is not None:
+            key, old, new = diff
+            raise SearchJobError(f"--out {cfg.out}: holds a run with {key}={old!r}, not {new!r}; choose another --out")
+    elif out_dir.exists() and not out_dir.is_dir():
+        raise SearchJobError(f"--out {cfg.out}: exists and is not a folder")
     else:
+        out_dir.mkdir(parents=True, exist_ok=True)
         write_json(config_path, settings)
 
-    run = functools.partial(_run, settings=settings, method_cfg=method_cfg, problems_spec=problems, out_dir=out_dir,
-                            limit=limit, batch=batch, seed=seed, max_depth=max_depth, max_new_tokens=max_new_tokens,
-                            few_shot=few_shot, dtype=dtype, progress=progress)
+    run = functools.partial(_run, cfg, problems, few_shot, settings, progress)
     if pool is not None:
         return run(pool)
-    # the sandbox forks its workers before JAX starts a backend (loading problems and models does not)
-    with SandboxPool(workers=sandbox_workers, timeout_s=sandbox_timeout, allow_insecure=allow_insecure_sandbox) as own:
+    # the sandbox forks its workers before JAX starts a backend (loading problems and model configs does not)
+    with SandboxPool.from_section(cfg.sandbox) as own:
         return run(own)
 
 
-def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed, max_depth, max_new_tokens,
-         few_shot, dtype, progress) -> dict[str, Any]:
+def _run(cfg: SearchConfig, problems, few_shot: str, settings: dict[str, Any], progress: bool, pool) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from rstar_jax.data import load_problems
     from rstar_jax.math.grading import Grader
     from rstar_jax.math.steps import StepRunner
     from rstar_jax.models.hf_io import load_model
@@ -167,42 +209,40 @@ def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed,
     from rstar_jax.search.batch_state import BatchCheckpoint
     from rstar_jax.search.policy import LMProposer, RewardScorer, Stats, StepEnv
 
-    problems = load_problems(problems_spec, limit=limit)
+    out_dir = Path(cfg.out)
+    method_cfg = cfg.driver_config
     results = ResumableJsonl(out_dir / "results.jsonl")
     done = {r["id"] for r in results.records}
     todo = [p for p in problems if p.id not in done]
-    compute_dtype = jnp.dtype(dtype)
-    lm = load_model(settings["model"], dtype="float32")
-    proposer = LMProposer(prepare_params(lm.params, compute_dtype), lm.cfg, lm.tokenizer, max_new_tokens)
+    compute_dtype = jnp.dtype(cfg.dtype)
+    lm = load_model(cfg.model, dtype="float32")
+    proposer = LMProposer(prepare_params(lm.params, compute_dtype), lm.cfg, lm.tokenizer, cfg.max_new_tokens)
     scorer = None
-    if settings["reward_model"] is not None:
-        rm = load_model(settings["reward_model"], dtype="float32")
-        if rm.num_labels is None:
-            raise SearchJobError(f"--reward-model {settings['reward_model']!r}: not a reward model "
-                                 "(expected a *ForTokenClassification folder)")
+    if cfg.reward_model is not None:
+        rm = load_model(cfg.reward_model, dtype="float32")
         scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.num_labels, compute_dtype=compute_dtype)
     # tree searches: driver, and the config field counting their outer iterations (saved and shown one by one)
     tree_search = {"mcts": (mcts.search, "rollouts"), "mcts-star": (mcts_star.search, "iterations")}
-    driver, outer = tree_search.get(settings["method"], (baselines.search, None))
-    root_key = jax.random.key(seed)
+    driver, outer = tree_search.get(cfg.method, (baselines.search, None))
+    root_key = jax.random.key(cfg.seed)
     with Grader() as grader, tqdm(total=len(problems), initial=len(problems) - len(todo), unit="problem",
-                                  desc=f"search {settings['method']}", file=sys.stderr, disable=not progress) as bar:
+                                  desc=f"search {cfg.method}", file=sys.stderr, disable=not progress) as bar:
         def show_batch_progress():  # a batch can take an hour: show where it is as policy calls come back
             where = f"rollout {env.stats.rollout}/{getattr(method_cfg, outer)}, " if outer else ""
             bar.set_postfix_str(f"batch: {where}{env.stats.policy_calls} calls, "
                                 f"{sum(env.stats.tokens.values())} tokens", refresh=True)
 
-        env = StepEnv(proposer, StepRunner(pool.run, max_depth), lm.tokenizer, grader,
-                      step_len=max_new_tokens + 64, scorer=scorer, few_shot=few_shot_text(problems_spec, few_shot),
+        env = StepEnv(proposer, StepRunner(pool.run, cfg.max_depth), lm.tokenizer, grader,
+                      step_len=cfg.max_new_tokens + 64, scorer=scorer, few_shot=few_shot,
                       on_expand=show_batch_progress)
-        for start in range(0, len(todo), batch):
-            chunk = todo[start : start + batch]
+        for start in range(0, len(todo), cfg.batch):
+            chunk = todo[start : start + cfg.batch]
             env.stats = Stats()
             checkpoint = BatchCheckpoint(out_dir / "batch_state.npz",
                                          {"ids": [p.id for p in chunk], "settings": settings})
             keys = [jax.random.fold_in(root_key, zlib.crc32(p.id.encode())) for p in chunk]
             resumable = {"checkpoint": checkpoint} if outer else {}
-            found = driver(env, chunk, keys, method_cfg, meta={"model": settings["model"]}, **resumable)
+            found = driver(env, chunk, keys, method_cfg, meta={"model": cfg.model}, **resumable)
             share = checkpoint.elapsed() / len(chunk)
             correct = grader.equivalent_many([(p.answer, r.answer) for p, r in zip(chunk, found)])
             found = [_graded(grader, p, r) for p, r in zip(chunk, found)]

@@ -42,18 +42,6 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return max(1, cfg.train.min_steps, math.ceil(cfg.train.epochs * steps_per_epoch))
 
 
-def check_config(cfg: Config) -> None:
-    d = cfg.data
-    if d.batch_size < 1 or d.grad_accum < 1 or d.batch_size % d.grad_accum:
-        raise RunConfigError(f"data.batch_size={d.batch_size} must be a positive multiple of data.grad_accum={d.grad_accum}")
-    if cfg.train.min_steps < 0:
-        raise RunConfigError(f"train.min_steps={cfg.train.min_steps} must be >= 0")
-    if d.seq_len < 2 or d.num_buckets < 1:
-        raise RunConfigError(f"data.seq_len={d.seq_len} must be >= 2 and data.num_buckets={d.num_buckets} >= 1")
-    if not 0.0 <= d.eval_fraction < 1.0:
-        raise RunConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
-
-
 class MetricsLog:
     """Appends JSON lines (process 0 only); on resume, drops lines past the restored step."""
 
@@ -86,7 +74,6 @@ def run_training(kind: str, model: str, data: str, out: str, overrides: list[str
     if kind not in KINDS:
         raise RunConfigError(f"training kind {kind!r}: expected one of {', '.join(KINDS)}")
     cfg = load_config(list(overrides))
-    check_config(cfg)
     sharding.init_distributed()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -41,9 +41,7 @@ RULES: dict[str, tuple[str, ...]] = {
 
 
 def resolve_mesh_shape(mesh: MeshSection, num_devices: int) -> tuple[int, int, int]:
-    shape = list(mesh.shape)
-    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise RunConfigError(f"mesh {dict(zip(MESH_AXES, shape))}: sizes must be positive, at most one -1")
+    shape = list(mesh.shape)  # each size >= 1 or -1, at most one -1 (`MeshSection` checks)
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
