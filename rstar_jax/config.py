@@ -145,7 +145,7 @@ class SandboxSection:
 
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
-    learning_rate: float = 1e-5
+    learning_rate: float = 5e-5  # transformers Trainer's default (the configs/qwen* files set 7e-6)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
     end_lr_fraction: float = 0.0
@@ -193,7 +193,8 @@ class DataSection:
 class TrainSection:
     epochs: float = 1.0
     max_steps: int = 0  # > 0 caps the number of optimizer steps
-    min_steps: int = 0  # at least this many steps (a few records' epochs are a handful of steps)
+    # at least this many steps: a few short records pack into a few rows, and an epoch of them is a step or two
+    min_steps: int = 20
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     save_every: int = 200
