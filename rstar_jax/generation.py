@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from rstar_jax.config import InferenceConfig, RunConfigError, at_least, first_difference, to_dict
-from rstar_jax.jsonl import InputError, ResumableJsonl, check_output_file, iter_jsonl, read_json, write_json
+from rstar_jax.config import InferenceConfig, RunConfigError, at_least, to_dict
+from rstar_jax.jsonl import InputError, ResumableJsonl, check_output_file, iter_jsonl, keep_settings
 from rstar_jax.sampling import SamplingConfig
 
 
@@ -65,15 +65,9 @@ def _settings(cfg: GenerateConfig, chat: bool) -> dict[str, Any]:
 def _check_settings(out: str, settings: dict[str, Any]) -> None:
     """Refuse to append to completions made with other settings; record them for a new file."""
     path = Path(f"{out}.settings.json")
-    if path.is_file():
-        diff = first_difference(read_json(path), json.loads(json.dumps(settings)))
-        if diff is not None:
-            key, old, new = diff
-            raise InputError(f"--out {out}: holds completions made with {key}={old!r}, not {new!r}; "
-                             "choose another --out")
-    elif Path(out).is_file() and Path(out).stat().st_size:
+    if not path.is_file() and Path(out).is_file() and Path(out).stat().st_size:
         raise InputError(f"--out {out}: holds records with no settings file ({path.name}); choose another --out")
-    write_json(path, settings)
+    keep_settings(path, settings, out, "completions made")
 
 
 def run_generate(cfg: GenerateConfig) -> None:

@@ -61,6 +61,25 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
+def keep_settings(path: str | Path, settings: dict[str, Any], out: str, holds: str) -> None:
+    """Record the settings an output is made with at `path`, or, when an earlier run recorded some, check that
+    they are the same: a difference is an InputError naming the first differing key (`holds`: what `out` holds)."""
+    from rstar_jax.config import first_difference
+
+    path = Path(path)
+    if path.is_file():
+        diff = first_difference(read_json(path), json.loads(json.dumps(settings)))
+        if diff is not None:
+            key, old, new = diff
+            raise InputError(f"--out {out}: holds {holds} with {key}={old!r}, not {new!r}; choose another --out")
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create it ({e.strerror})") from None
+    write_json(path, settings)
+
+
 def _complete_lines(path: Path, name: str) -> tuple[list[dict[str, Any]], bytes | None]:
     """The objects of the file's complete lines, and those lines' bytes when a torn last line (one without its
     newline: a crash mid-write) follows them, else None. A folder, an unreadable file or one that is not JSONL

@@ -31,10 +31,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rstar_jax.config import InferenceConfig, RunConfigError, first_difference, shared, to_dict
+from rstar_jax.config import InferenceConfig, RunConfigError, shared, to_dict
 from rstar_jax.evolve.config import EvolveConfig, load_evolve_config, training_sources
 from rstar_jax.evolve.stages import run_stage
-from rstar_jax.jsonl import read_json, read_jsonl, write_json, write_jsonl
+from rstar_jax.jsonl import keep_settings, read_jsonl, write_jsonl
 from rstar_jax.search.mcts import MCTSConfig
 
 
@@ -62,16 +62,7 @@ def run_evolve(config_path: str | Path, out: str | Path, overrides: tuple[str, .
     run_dir = Path(out)
     saved = {"config": to_dict(cfg), "policy_train": policy_sources, "ppm_train": ppm_sources,
              "prompt": Path(prompt_file).read_text() if prompt_file else ""}
-    config_file = run_dir / "config.json"
-    if config_file.is_file():
-        diff = first_difference(read_json(config_file), json.loads(json.dumps(saved)))
-        if diff is not None:
-            key, old, new = diff
-            raise RunConfigError(f"--out {out}: holds an evolve run with {key}={old!r}, not {new!r}; "
-                                 "choose another --out")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(config_file, saved)
+    keep_settings(run_dir / "config.json", saved, str(out), "an evolve run")
 
     # one sandbox pool for every search, forked before JAX starts a backend
     workers = cfg.sandbox_workers or None

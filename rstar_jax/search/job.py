@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 import zlib
 from pathlib import Path
 from typing import Any, Literal
 
-from rstar_jax.config import InferenceConfig, SandboxSection, at_least, first_difference, section
-from rstar_jax.jsonl import InputError, ResumableJsonl, read_json, write_json
+from rstar_jax.config import InferenceConfig, SandboxSection, at_least, section
+from rstar_jax.jsonl import InputError, ResumableJsonl, keep_settings, write_json
 from rstar_jax.search.baselines import BaselineConfig
 from rstar_jax.search.mcts import MCTSConfig
 from rstar_jax.search.mcts_star import StarSearchConfig
@@ -175,18 +174,9 @@ def run_search(cfg: SearchConfig, *, progress: bool = True, pool=None) -> dict[s
                 "max_new_tokens": cfg.max_new_tokens, "few_shot": few_shot if cfg.prompt_file else cfg.few_shot,
                 "dtype": cfg.dtype, "config": dataclasses.asdict(cfg.driver_config),
                 "gold_used_in_search": cfg.tree_search and cfg.mode != "inference"}
-    out_dir = Path(cfg.out)
-    config_path = out_dir / "config.json"
-    if config_path.is_file():
-        diff = first_difference(read_json(config_path), json.loads(json.dumps(settings)))
-        if diff is not None:
-            key, old, new = diff
-            raise SearchJobError(f"--out {cfg.out}: holds a run with {key}={old!r}, not {new!r}; choose another --out")
-    elif out_dir.exists() and not out_dir.is_dir():
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise SearchJobError(f"--out {cfg.out}: exists and is not a folder")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(config_path, settings)
+    keep_settings(Path(cfg.out) / "config.json", settings, cfg.out, "a search")
 
     run = functools.partial(_run, cfg, problems, few_shot, settings, progress)
     if pool is not None:
