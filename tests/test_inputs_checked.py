@@ -136,16 +136,18 @@ def _children(pid: int) -> list[int]:
 
 
 def _interrupt_when(argv: list[str], ready, timeout: float = 300.0) -> tuple[int, str, float]:
-    """Start the CLI, send SIGINT once `ready(proc)`; (exit code, stderr, seconds from SIGINT to exit)."""
+    """Start the CLI in its own process group, send SIGINT to the group (as Ctrl-C in a terminal does) once
+    `ready(proc)`; (exit code, stderr, seconds from SIGINT to exit)."""
     proc = subprocess.Popen([sys.executable, "-m", "rstar_jax.cli", *map(str, argv)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            start_new_session=True)
     deadline = time.monotonic() + timeout
     while not ready(proc):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the command ended or stalled before the interrupt: {proc.communicate()[1][-2000:]}")
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err, time.monotonic() - t0
@@ -184,6 +186,20 @@ def test_ctrl_c_ends_exec_while_a_program_runs(tmp_path):
     assert code == 130 and _one_line(err, "exec") and seconds < 30, err[-3000:]
 
 
+def test_ctrl_c_ends_a_search_with_one_line(tmp_path, tiny_hf_folder):
+    folder, _ = tiny_hf_folder()
+    results = tmp_path / "run" / "results.jsonl"
+
+    def searching(_):  # its sandbox and grader workers are running
+        return results.is_file() and results.read_text().count("\n") >= 1
+
+    code, err, _ = _interrupt_when(["search", "--model", folder, "--problems", "synth:levels=1,n=200,seed=0",
+                                    "--method", "maj", "--samples", "2", "--max-depth", "3", "--max-new-tokens", "8",
+                                    "--few-shot", "0", "--batch", "1", "--sandbox-workers", "1",
+                                    "--allow-insecure-sandbox", "--out", tmp_path / "run"], searching)
+    assert code == 130 and _one_line(err, "search"), err[-3000:]
+
+
 def test_ctrl_c_ends_training_with_one_line(tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", sft_records(64))
     out = tmp_path / "run"
@@ -195,3 +211,14 @@ def test_ctrl_c_ends_training_with_one_line(tmp_path):
     code, err, _ = _interrupt_when(["train", "sft", "--model", "random", "--data", data, "--out", out, *TINY,
                                     "train.max_steps=100000", "data.batch_size=2"], stepping)
     assert code == 130 and _one_line(err, "train"), err[-3000:]
+
+
+def test_a_grader_worker_leaves_ctrl_c_to_its_parent():
+    """Ctrl-C in a terminal reaches the whole process group; a math-verify worker must not print a traceback."""
+    from rstar_jax.math.grading import Grader
+
+    with Grader() as grader:
+        assert grader.equivalent("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")  # starts a math-verify worker
+        [worker] = grader._pool
+        os.kill(worker.proc.pid, signal.SIGINT)
+        assert grader.equivalent("\\sqrt{8}", "2\\sqrt{2}") and worker.proc.poll() is None
