@@ -104,7 +104,7 @@ def test_search_baseline_and_bad_arguments(tiny_hf_folder, tmp_path):
     with pytest.raises(ValueError, match="not a reward model"):
         job(folder, tmp_path / "bon2", method="bon", reward_model=str(folder), limit=1)
     assert not (tmp_path / "bon2").exists()  # inputs are checked before the folder is written
-    with pytest.raises(SearchJobError, match="method='greedy', not 'maj'"):
+    with pytest.raises(ValueError, match="method='greedy', not 'maj'"):
         job(folder, tmp_path / "greedy", method="maj", limit=2)
     with pytest.raises(ValueError, match="method 'dfs'"):
         job(folder, tmp_path / "x", method="dfs")

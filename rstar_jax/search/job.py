@@ -34,7 +34,6 @@ from rstar_jax.search.mcts import MCTSConfig
 from rstar_jax.search.mcts_star import StarSearchConfig
 from rstar_jax.search.policy import PHASES
 
-METHODS = ("mcts", "mcts-star", "greedy", "maj", "bon", "beam")
 FEW_SHOT_SEED = 9173
 
 
@@ -93,14 +92,12 @@ class SearchConfig(SearchSettings):
         return dataclasses.replace(self.baseline, method=self.method)
 
 
-def few_shot_text(problems_spec: str, n: int | str) -> str:
-    """`n` synthetic reference solutions as demonstrations; a string `n` is a configured few-shot text itself."""
+def few_shot_text(problems_spec: str, n: int) -> str:
+    """`n` synthetic reference solutions as demonstrations."""
     from rstar_jax.data import generate as synth
     from rstar_jax.data import parse_synth_spec
     from rstar_jax.math.steps import few_shot_prefix
 
-    if isinstance(n, str):
-        return n
     if n <= 0:
         return ""
     seed = FEW_SHOT_SEED
