@@ -4,7 +4,7 @@ Runs `rstar-jax search` (the library call behind it) for each method on the same
 row per method plus the share of wall time spent in sampling, sandbox, grading, reward model and tree ops.
 
     python bench/search.py --model smollm2-135m --problems synth:levels=1-2,n=8,seed=0 \
-        --methods mcts greedy --rollouts 4 --candidates 4 --batch 8
+        --methods mcts greedy --rollouts 4 --candidates 4 --in-flight 8
 
 An existing --out/<method> run is resumed, not redone (delete it to measure again).
 """
@@ -16,7 +16,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from rstar_jax.search.job import run_search
+from rstar_jax.search.baselines import BaselineConfig
+from rstar_jax.search.job import SearchConfig, run_search
+from rstar_jax.search.mcts import MCTSConfig
+from rstar_jax.search.mcts_star import StarSearchConfig
 from rstar_jax.search.policy import PHASES
 
 
@@ -32,16 +35,19 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--max-depth", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--in-flight", type=int, default=0)
     p.add_argument("--limit", type=int)
     p.add_argument("--out", help="run folders go here (default: a temporary folder)")
     a = p.parse_args()
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_search_"))
     rows = []
     for method in a.methods:
-        s = run_search(a.model, a.problems, method, str(out / method), reward_model=a.reward_model,
-                       rollouts=a.rollouts, candidates=a.candidates, samples=a.samples, max_depth=a.max_depth,
-                       mode=a.mode, batch=a.batch, limit=a.limit, max_new_tokens=a.max_new_tokens)
+        s = run_search(SearchConfig(
+            model=a.model, problems=a.problems, method=method, out=str(out / method), reward_model=a.reward_model,
+            mode=a.mode, max_depth=a.max_depth, in_flight=a.in_flight, limit=a.limit or 0, max_new_tokens=a.max_new_tokens,
+            mcts=MCTSConfig(rollouts=a.rollouts, candidates=a.candidates),
+            mcts_star=StarSearchConfig(iterations=a.rollouts, branch=a.candidates),
+            baseline=BaselineConfig(samples=a.samples, candidates=a.candidates)))
         rows.append((method, s))
         print(json.dumps({"method": method, **s}), flush=True)
     print(f"\nmodel {a.model}, problems {a.problems}, rollouts {a.rollouts}, candidates {a.candidates}, "

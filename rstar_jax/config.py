@@ -1,16 +1,22 @@
 """Typed, strict run configuration: frozen dataclasses loaded from YAML plus `a.b=value` overrides.
 
 Sources are merged in order (later wins): dataclass defaults, YAML files (each may `include:` other
-YAML files, resolved relative to itself), then dotted overrides. An unknown key, a value of the wrong
-type or an unreadable file is a `RunConfigError` whose one-line message names the file (or override)
-and the key. Derived values are properties, never stored fields.
+YAML files, resolved relative to itself), dotted overrides, then values given by command-line flags. An
+unknown key, a missing required key (a field without a default), a value of the wrong type, a non-finite
+number or an unreadable file is a `RunConfigError` whose one-line message names the file (or override, or
+flag) and the key; a value out of its range is one from the section's `__post_init__`, prefixed with the
+section. Derived values are properties, never stored fields.
 
-Later issues add their own sections (search, evolve) as fields of `Config`.
+`Config` is the training config; every other command's config lives next to the code that uses it
+(`search/job.py`, `generation.py`, ...), built from the shared sections here: `InferenceConfig` (what every
+command that runs a model has) and `SandboxSection`. A section field may hide fields of its dataclass that
+the command sets itself (`section(..., fixed=(...))`, e.g. the mode of a search driver's config).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -18,9 +24,43 @@ from typing import Any, Literal
 
 import yaml
 
+from rstar_jax.engine.config import EngineConfig
+
 
 class RunConfigError(ValueError):
     """A run config file or override that cannot be used (message names the source and key)."""
+
+
+class MissingKeyError(RunConfigError):
+    """A required key that no source set."""
+
+    def __init__(self, key: str):
+        super().__init__(f"config key {key!r} is required")
+        self.key = key
+
+
+class RangeError(RunConfigError):
+    """A value outside its allowed range; `key` is the field (the loader adds its section and source)."""
+
+    def __init__(self, key: str, value: Any, rule: str):
+        super().__init__(f"{key}={value!r}: must be {rule}")
+        self.key = key
+
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """One line naming the key, its value and the allowed range, unless `ok`."""
+    if not ok:
+        raise RangeError(key, value, rule)
+
+
+def at_least(low: float, **values: float) -> None:
+    for key, v in values.items():
+        require(v >= low, key, v, f">= {low}")
+
+
+def section(default: Any, *, fixed: tuple[str, ...] = ()) -> Any:
+    """A section field whose `fixed` fields are not config keys (the command sets them)."""
+    return dataclasses.field(default=default, metadata={"fixed": fixed})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +79,14 @@ class ArchConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 2048
+
+    def __post_init__(self):
+        at_least(0, vocab_size=self.vocab_size, head_dim=self.head_dim)
+        at_least(1, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                 num_key_value_heads=self.num_key_value_heads, max_position_embeddings=self.max_position_embeddings)
+        require(self.rope_theta > 0, "rope_theta", self.rope_theta, "> 0")
+        require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "> 0")
 
     @property
     def given(self) -> bool:
@@ -63,14 +111,44 @@ class MeshSection:
     # Parameters with fewer elements than this stay replicated (norms, biases).
     min_shard_elements: int = 2**14
 
+    def __post_init__(self):
+        for axis, size in zip(("data", "fsdp", "tensor"), self.shape):
+            require(size >= 1 or size == -1, axis, size, ">= 1, or -1 for the remaining devices")
+        require(self.shape.count(-1) <= 1, "data, fsdp, tensor", self.shape, "at most one -1")
+        at_least(1, min_shard_elements=self.min_shard_elements)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.data, self.fsdp, self.tensor)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InferenceConfig:
+    """What every command that runs a model shares (its config class derives from this one)."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (weights load in float32)
+    mesh: MeshSection = MeshSection()  # over each process's own devices: slots over `data`, weights by the rules
+    engine: EngineConfig = EngineConfig()  # the inference engine's slots, caches and chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxSection:
+    """The sandbox that runs model-written programs (`rstar_jax/sandbox/`)."""
+
+    workers: int = 0  # 0: one per core
+    timeout_s: float = 5.0  # wall-clock seconds per program
+    memory_mb: int = 1024  # per program
+    allow_insecure: bool = False  # process-only isolation where namespaces / seccomp are unavailable
+
+    def __post_init__(self):
+        at_least(0, workers=self.workers)
+        at_least(1, memory_mb=self.memory_mb)
+        require(self.timeout_s > 0, "timeout_s", self.timeout_s, "> 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
-    learning_rate: float = 1e-5
+    learning_rate: float = 5e-5  # transformers Trainer's default (the configs/qwen* files set 7e-6)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
     end_lr_fraction: float = 0.0
@@ -79,6 +157,14 @@ class OptimSection:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float = 1.0  # <= 0 disables clipping
+
+    def __post_init__(self):
+        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        at_least(0, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, end_lr_fraction=self.end_lr_fraction)
+        require(self.end_lr_fraction <= 1, "end_lr_fraction", self.end_lr_fraction, "in [0, 1]")
+        for name in ("b1", "b2"):
+            require(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
+        require(self.eps > 0, "eps", self.eps, "> 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +178,14 @@ class DataSection:
     eval_fraction: float = 0.05  # held-out share of records (0: no eval)
     max_eval_batches: int = 8
 
+    def __post_init__(self):
+        at_least(1, batch_size=self.batch_size, grad_accum=self.grad_accum, num_buckets=self.num_buckets)
+        require(self.batch_size % self.grad_accum == 0, "grad_accum", self.grad_accum,
+                f"a divisor of batch_size={self.batch_size}")
+        at_least(2, seq_len=self.seq_len)
+        at_least(0, max_eval_batches=self.max_eval_batches)
+        require(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "in [0, 1)")
+
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
@@ -101,12 +195,18 @@ class DataSection:
 class TrainSection:
     epochs: float = 1.0
     max_steps: int = 0  # > 0 caps the number of optimizer steps
-    min_steps: int = 0  # at least this many steps (a few records' epochs are a handful of steps)
+    # at least this many steps: a few short records pack into a few rows, and an epoch of them is a step or two
+    min_steps: int = 20
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     save_every: int = 200
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
+
+    def __post_init__(self):
+        require(self.epochs > 0, "epochs", self.epochs, "> 0")
+        at_least(0, max_steps=self.max_steps, min_steps=self.min_steps, eval_every=self.eval_every)
+        at_least(1, log_every=self.log_every, save_every=self.save_every, keep_checkpoints=self.keep_checkpoints)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,37 +277,50 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise RunConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(v, args[0], where) for v in value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise RunConfigError(f"{where}: {value!r} is not a finite number")
+        return float(value)
     if tp in (int, str, bool) and type(value) is tp:
         return value
     raise RunConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def _build(cls: type, tree: dict, prefix: str) -> Any:
+def _build(cls: type, tree: dict, prefix: str, fixed: tuple[str, ...] = ()) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
     kwargs = {}
     for key, node in tree.items():
         dotted = f"{prefix}{key}"
-        if key not in names:
+        if key not in fields:
             source = node.source if isinstance(node, _Sourced) else _first_source(node)
             raise RunConfigError(f"{source}: unknown config key {dotted!r}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(node, dict):
                 raise RunConfigError(f"{node.source}: {dotted!r} is a section, got {node.value!r}")
-            kwargs[key] = _build(tp, node, dotted + ".")
+            kwargs[key] = _build(tp, node, dotted + ".", fields[key].metadata.get("fixed", ()))
         else:
             if isinstance(node, dict):
                 raise RunConfigError(f"{_first_source(node)}: {dotted!r} is a value, not a section")
             kwargs[key] = _coerce(node.value, tp, f"{node.source}: {dotted}")
-    return cls(**kwargs)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise MissingKeyError(f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except RangeError as e:
+        node = tree.get(e.key)
+        source = f"{node.source}: " if isinstance(node, _Sourced) else ""
+        raise RunConfigError(f"{source}{prefix}{e}") from None
+    except ValueError as e:  # a driver's own config check
+        name = prefix[:-1]
+        raise RunConfigError(f"{name}: {e}" if name and not str(e).startswith(name) else str(e)) from None
 
 
 def _first_source(tree: dict) -> str:
@@ -225,21 +338,68 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    node: Any = _Sourced(value, f"override {text!r}")
+    return _nest(key, _Sourced(value, f"override {text!r}"))
+
+
+def _nest(key: str, node: Any) -> dict:
     for part in reversed(key.split(".")):
         node = {part: node}
     return node
 
 
-def load_config(sources: list[str] | tuple[str, ...] = (), cls: type = Config) -> Any:
-    """Build `cls` from defaults, then each source in order: a `.yaml`/`.yml` path or a `key=value` override."""
+def load_config(sources: list[str] | tuple[str, ...] = (), cls: type = Config,
+                given: dict[str, tuple[Any, str]] | None = None) -> Any:
+    """Build `cls` from defaults, then each source in order: a `.yaml`/`.yml` path or a `key=value` override;
+    then `given`: dotted key -> (value, where it came from, e.g. a command-line flag), already typed."""
     tree: dict = {}
     for src in sources:
         if "=" not in src and src.endswith((".yaml", ".yml")):
             tree = _merge(tree, _read_yaml(Path(src)))
         else:
             tree = _merge(tree, parse_override(src))
+    for key, (value, where) in (given or {}).items():
+        tree = _merge(tree, _nest(key, _Sourced(value, where)))
     return _build(cls, tree, "")
+
+
+def key_defaults(cls: type, prefix: str = "", fixed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every config key of `cls` (dotted) with its default; required keys map to `dataclasses.MISSING`."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in fixed:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= key_defaults(hints[f.name], f"{prefix}{f.name}.", f.metadata.get("fixed", ()))
+        else:
+            out[f"{prefix}{f.name}"] = f.default
+    return out
+
+
+def key_type(cls: type, key: str) -> Any:
+    """The annotated type of a dotted key."""
+    *sections, name = key.split(".")
+    for part in sections:
+        cls = typing.get_type_hints(cls)[part]
+    return typing.get_type_hints(cls)[name]
+
+
+def shared(cfg: Any, cls: type) -> dict[str, Any]:
+    """The values of `cls`'s fields in `cfg` (whose class derives from `cls`): how a command hands its shared
+    settings to another command's config without naming each field, so fields added later travel too."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
+
+
+def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, old value, new value) of the first difference between two nested dicts, e.g. the settings a
+    folder was written with and a rerun's; None when they are equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*new, *(k for k in old if k not in new)]:
+            found = first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return None if old == new else (prefix[:-1], old, new)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,17 +1,37 @@
-"""The `generate` job: prompts in, completions out as JSONL, resumable, in batches with a progress bar."""
+"""The `generate` job: prompts in, completions out as JSONL, resumable, in batches with a progress bar.
+
+With `out`, the settings that shape the completions are kept next to it (`OUT.settings.json`) before the first
+record is written; a rerun into the same file resumes only with the same settings and prompts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
-from tqdm import tqdm
+from rstar_jax.config import InferenceConfig, RunConfigError, at_least, to_dict
+from rstar_jax.jsonl import InputError, ResumableJsonl, check_output_file, iter_jsonl, keep_settings
+from rstar_jax.engine.api import SamplingConfig
 
-from rstar_jax.jsonl import InputError, ResumableJsonl, iter_jsonl
-from rstar_jax.engine import SamplingConfig, generate, prepare
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerateConfig(InferenceConfig):
+    model: str  # HF folder, .gguf file, or alias (smollm2-135m)
+    prompt: str = ""  # one prompt, or:
+    prompts: str = ""  # a JSONL file of {"prompt": ...}
+    out: str = ""  # output JSONL (resumable); stdout when empty
+    sampling: SamplingConfig = SamplingConfig()
+    chat: bool | None = None  # wrap each prompt as a user turn; None: when the tokenizer has a chat template
+    seed: int = 0
+    batch_size: int = 16  # prompts per sampler call (batch i samples with key fold_in(seed, i))
+
+    def __post_init__(self):
+        if bool(self.prompt) == bool(self.prompts):
+            raise RunConfigError("generate: give exactly one of prompt (--prompt TEXT) and prompts (--prompts FILE)")
+        at_least(1, batch_size=self.batch_size)
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -23,6 +43,12 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def use_chat(tokenizer, chat: bool | None) -> bool:
+    """`chat`, or by default whether the tokenizer has a chat template (an instruct model answers a bare prompt
+    with its end-of-turn token)."""
+    return bool(tokenizer.chat_template) if chat is None else chat
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool) -> list[list[int]]:
     """Token ids as `tokenizer(text)` gives them in transformers; `chat` wraps each prompt as one user turn."""
     if chat:
@@ -31,32 +57,48 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool) -> list[list[i
     return [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
 
 
-def run_generate(
-    model_spec: str,
-    prompts: list[str],
-    settings: SamplingConfig,
-    *,
-    chat: bool = False,
-    seed: int = 0,
-    compute_dtype: Any = "float32",
-    out: str | None = None,
-    batch_size: int = 16,
-) -> None:
-    """Batch `i` uses key fold_in(seed, i); with `out`, finished batches are kept and a rerun resumes after them."""
-    from rstar_jax.models.hf_io import load_model  # deferred: model I/O pulls in transformers
+def _settings(cfg: GenerateConfig, chat: bool) -> dict[str, Any]:
+    """What shapes the completions (everything but the input and output paths)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("prompt", "prompts", "out")} | {"chat": chat}
 
-    lm = load_model(model_spec, dtype="float32")  # first, so a bad model leaves no output file behind
-    writer = ResumableJsonl(out) if out else None
+
+def _check_settings(out: str, settings: dict[str, Any]) -> None:
+    """Refuse to append to completions made with other settings; record them for a new file."""
+    path = Path(f"{out}.settings.json")
+    if not path.is_file() and Path(out).is_file() and Path(out).stat().st_size:
+        raise InputError(f"--out {out}: holds records with no settings file ({path.name}); choose another --out")
+    keep_settings(path, settings, out, "completions made")
+
+
+def run_generate(cfg: GenerateConfig) -> None:
+    """Batch `i` uses key fold_in(seed, i); with `out`, finished batches are kept and a rerun resumes after them."""
+    import jax
+    from tqdm import tqdm
+
+    from rstar_jax.models.hf_io import load_model  # deferred: model I/O pulls in transformers
+    from rstar_jax.engine import generate, prepare
+
+    prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts)
+    if cfg.out:
+        check_output_file(cfg.out)
+    lm = load_model(cfg.model, dtype="float32")  # before any output, so a bad model leaves no file behind
+    chat = use_chat(lm.tokenizer, cfg.chat)
+    ids = encode_prompts(lm.tokenizer, prompts, chat)
+    lm.cfg.check_positions(max(map(len, ids)) + cfg.sampling.max_new_tokens,
+                           f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} after the longest prompt")
+    writer = None
+    if cfg.out:
+        _check_settings(cfg.out, _settings(cfg, chat))
+        writer = ResumableJsonl(cfg.out)
     done = len(writer.records) if writer else 0
     if writer and [r.get("prompt") for r in writer.records] != prompts[:done]:
-        raise InputError(f"{out}: existing output does not match these prompts; choose another --out")
-    model = prepare(lm.params, lm.cfg, compute_dtype)
-    ids = encode_prompts(lm.tokenizer, prompts, chat)
-    key = jax.random.key(seed)
-    starts = range(done - done % batch_size, len(prompts), batch_size)
+        raise InputError(f"--out {cfg.out}: existing output does not match these prompts; choose another --out")
+    model = prepare(lm.params, lm.cfg, cfg.dtype)
+    key = jax.random.key(cfg.seed)
+    starts = range(done - done % cfg.batch_size, len(prompts), cfg.batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 2, file=sys.stderr):
-        batch = ids[start : start + batch_size]
-        results = generate(model, lm.tokenizer, batch, settings, jax.random.fold_in(key, start // batch_size))
+        batch = ids[start : start + cfg.batch_size]
+        results = generate(model, lm.tokenizer, batch, cfg.sampling, jax.random.fold_in(key, start // cfg.batch_size))
         for i, comps in enumerate(results, start):
             if i < done:
                 continue

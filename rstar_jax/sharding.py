@@ -44,9 +44,7 @@ RULES: dict[str, tuple[str, ...]] = {
 
 
 def resolve_mesh_shape(mesh: MeshSection, num_devices: int) -> tuple[int, int, int]:
-    shape = list(mesh.shape)
-    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise RunConfigError(f"mesh {dict(zip(MESH_AXES, shape))}: sizes must be positive, at most one -1")
+    shape = list(mesh.shape)  # each size >= 1 or -1, at most one -1 (`MeshSection` checks)
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
@@ -139,8 +137,10 @@ def init_distributed() -> None:
     """Join a multi-process run when the launch scripts asked for one (env), before any device is touched.
 
     RSTAR_COORDINATOR_ADDRESS / RSTAR_NUM_PROCESSES / RSTAR_PROCESS_ID: explicit (GPU hosts, local CPU tests);
-    RSTAR_DISTRIBUTED=auto: let JAX detect the cluster (TPU VM pods, SLURM).
+    RSTAR_DISTRIBUTED=auto: let JAX detect the cluster (TPU VM pods, SLURM). Joins once per process.
     """
+    if jax.distributed.is_initialized():
+        return
     addr = os.environ.get("RSTAR_COORDINATOR_ADDRESS")
     if addr:
         try:

@@ -60,3 +60,63 @@ def test_every_config_lowers_on_its_mesh_shape():
         r = subprocess.run([sys.executable, "-c", LOWER, json.dumps(jobs)], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         assert len(r.stdout.splitlines()) == len(jobs), r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Every command's config: flags are aliases of keys, YAML files and key=value overrides, strict, typed
+
+
+def _command_config(argv):
+    from rstar_jax.cli import build_parser, command_config
+
+    args, extra = build_parser(argv).parse_known_args(argv)
+    args.overrides = extra
+    return command_config(args)
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--model", "m", "--prompt", "p"],
+    ["search", "--model", "m", "--problems", "p", "--method", "mcts", "--out", "o"],
+    ["eval", "--model", "m", "--problems", "p", "--out", "o"],
+    ["label", "mc", "--trees", "t", "--policy", "m", "--out", "o"],
+    ["label", "consensus", "--mc", "m", "--judge", "j", "--out", "o"],
+    ["processbench", "--reward-model", "r", "--data", "d", "--out", "o"],
+])
+def test_every_inference_command_has_a_mesh_and_a_dtype(argv):
+    from rstar_jax.config import InferenceConfig
+
+    cfg = _command_config([*argv, "mesh.data=2", "mesh.tensor=4", "dtype=bfloat16"])
+    assert isinstance(cfg, InferenceConfig) and cfg.mesh.shape == (2, 1, 4) and cfg.dtype == "bfloat16"
+
+
+def test_flags_config_files_and_overrides_set_the_same_keys(tmp_path):
+    yaml_file = tmp_path / "search.yaml"
+    yaml_file.write_text("model: m\nproblems: synth:levels=1,n=2,seed=0\nmethod: mcts\nmcts: {rollouts: 3, c: 1.5}\n")
+    cfg = _command_config(["search", "--out", "o", "--candidates", "5", "--temperature", "0.5", str(yaml_file),
+                           "mcts_star.alpha=0.25", "sandbox.timeout_s=2"])
+    assert (cfg.mcts.rollouts, cfg.mcts.c, cfg.mcts.candidates, cfg.mcts.temperature) == (3, 1.5, 5, 0.5)
+    assert cfg.mcts_star.branch == 5 and cfg.baseline.candidates == 5 and cfg.mcts_star.alpha == 0.25
+    assert cfg.driver_config.mode == "terminal" and cfg.sandbox.timeout_s == 2.0
+    # a flag wins over a config file; fields the command sets itself are not keys
+    assert _command_config(["search", "--out", "o", "--rollouts", "7", str(yaml_file)]).mcts.rollouts == 7
+    with pytest.raises(RunConfigError, match="unknown config key 'mcts.mode'"):
+        _command_config(["search", "--out", "o", str(yaml_file), "mcts.mode=ppm"])
+    with pytest.raises(RunConfigError, match="--problems is required"):
+        _command_config(["search", "--model", "m", "--method", "greedy", "--out", "o"])
+    with pytest.raises(RunConfigError, match="unknown config key 'sampling.temprature'"):
+        _command_config(["generate", "--model", "m", "--prompt", "p", "sampling.temprature=1"])
+    gen = _command_config(["generate", "--model", "m", "--prompt", "p", "--stop", "a", "b", "--no-chat"])
+    assert gen.sampling.stop == ("a", "b") and gen.chat is False
+    assert _command_config(["label", "ppm", "--trees", "t", "--out", "o", "--no-answer-pairs"]).pairs.answer_pairs is False
+
+
+def test_help_shows_every_default(capsys):
+    from rstar_jax.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())
+    assert "--in-flight IN_FLIGHT problems searched at a time (0: enough to fill the engine's slots twice) (default: 0)" in flat
+    assert "(default: mcts.rollouts 16, mcts_star.iterations 32)" in flat
+    assert "  mcts.c                     2.0" in text and "  model                      (required)" in text

@@ -6,8 +6,8 @@ import re
 import jax
 import pytest
 
-from rstar_jax.labels.consensus import (ConsensusError, consensus_filter, critique_prompt, parse_judgement,
-                                        run_consensus)
+from rstar_jax.labels.consensus import (ConsensusConfig, ConsensusError, consensus_filter, critique_prompt,
+                                        parse_judgement, run_consensus)
 
 # (MC first error, judge output) per record; every solution has 3 steps
 CASES = [
@@ -74,7 +74,7 @@ def test_bad_mc_file_is_one_line_error(tmp_path):
     bad = tmp_path / "mc.jsonl"
     bad.write_text(json.dumps({"question": "q", "steps": ["a"], "labels": [1.0]}) + "\n")
     with pytest.raises(ConsensusError, match=r"mc.jsonl:1: needs 'hard_labels'"):
-        run_consensus("unused-model", bad, tmp_path / "out.jsonl")
+        run_consensus(ConsensusConfig(judge="unused-model", mc=str(bad), out=str(tmp_path / "out.jsonl")))
 
 
 def test_real_tiny_judge_end_to_end(tmp_path, tiny_tokenizer):
@@ -87,7 +87,8 @@ def test_real_tiny_judge_end_to_end(tmp_path, tiny_tokenizer):
     folder = save_causal_lm(tmp_path / "judge", cfg, init_params(cfg, jax.random.key(0), std=0.3), tiny_tokenizer)
     mc = tmp_path / "mc.jsonl"
     mc.write_text("".join(json.dumps(r) + "\n" for r in _records()[:3]))
-    report = run_consensus(str(folder), mc, tmp_path / "kept.jsonl", max_new_tokens=6, batch_size=2)
+    report = run_consensus(ConsensusConfig(judge=str(folder), mc=str(mc), out=str(tmp_path / "kept.jsonl"),
+                                           max_new_tokens=6, batch_size=2))
     judged = [json.loads(line) for line in (tmp_path / "kept.jsonl.judged.jsonl").read_text().splitlines()]
     # a random model writes no boxed index: every record is unparsed, nothing is kept
     assert [j["id"] for j in judged] == ["r0", "r1", "r2"] and all(j["judge_output"] for j in judged)

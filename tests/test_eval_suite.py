@@ -17,7 +17,7 @@ from rstar_jax.search.policy import Child, RewardScorer
 
 SPEC = "synth:levels=1,n=2,seed=0"
 SMALL = ["--num-samples", "4", "--max-depth", "2", "--max-new-tokens", "8", "--few-shot", "0", "--rollouts", "1",
-         "--candidates", "2", "--beam-width", "2", "--batch", "2", "--sandbox-workers", "1",
+         "--candidates", "2", "--beam-width", "2", "--in-flight", "2", "--sandbox-workers", "1",
          "--allow-insecure-sandbox"]
 
 
@@ -155,7 +155,7 @@ def test_eval_without_reward_model_skips_bon_and_beam(tiny_hf_folder, tmp_path, 
     (["--model", "m"], "--model: needs --problems"),
     (["--model", "m", "--problems", SPEC, "--samples", "s.jsonl"], "either --samples FILE or --model M"),
     ([], "either --samples FILE or --model M"),
-    (["--model", "m", "--problems", SPEC, "--methods", "greedy,dfs"], "--methods 'greedy,dfs'"),
+    (["--model", "m", "--problems", SPEC, "--methods", "greedy,dfs"], "--methods: methods: 'dfs' is not one of"),
     (["--model", "m", "--problems", SPEC, "--methods", "beam"], "needs --reward-model"),
     (["--model", "m", "--problems", SPEC, "--num-samples", "0"], "samples=0"),
 ])

@@ -71,8 +71,8 @@ def test_bad_trees_input_is_one_line_exit_2(tmp_path, capsys, setup, expect):
     assert str(trees) in err[0] and not out.exists() and stdout == ""
 
 
-@pytest.mark.parametrize("argv, expect", [(["sft", "--top", "0"], "top >= 1"),
-                                          (["sft", "--min-accuracy", "1.5"], "min_accuracy <= 1"),
+@pytest.mark.parametrize("argv, expect", [(["sft", "--top", "0"], "top=0: must be >= 1"),
+                                          (["sft", "--min-accuracy", "1.5"], "min_accuracy=1.5: must be in [0, 1]"),
                                           (["ppm", "--min-gap", "-1"], "min_gap >= 0")])
 def test_bad_label_settings_are_one_line_exit_2(tmp_path, capsys, argv, expect):
     _save_tree(tmp_path / "trees", "q1")

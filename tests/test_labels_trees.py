@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rstar_jax.config import DataSection
-from rstar_jax.labels.job import LabelError, label_ppm, label_sft, label_value, load_trees
+from rstar_jax.labels.job import (LabelError, PPMLabelConfig, SFTLabelConfig, TreesLabelConfig, label_ppm, label_sft,
+                                  label_value, load_trees)
 from rstar_jax.labels.ppm_pairs import PairConfig, answer_pairs, edit_distance, step_pairs
 from rstar_jax.labels.trajectories import outcomes_below, sft_records, trajectories
 from rstar_jax.labels.value_targets import distance_to_correct, value_records
@@ -70,13 +71,13 @@ def test_sft_accuracy_threshold_and_drop_reasons(tmp_path):
     for t in (quarter, wrong, empty):
         tree_io.save(t, tmp_path / "run" / "trees")
     out = tmp_path / "sft.jsonl"
-    s = label_sft(tmp_path / "run", out, min_accuracy=0.3)
+    s = label_sft(SFTLabelConfig(trees=str(tmp_path / "run"), out=str(out), min_accuracy=0.3))
     assert (s["problems"], s["trajectories"], s["records"]) == (3, 5, 0)
     assert s["dropped"] == {"low_accuracy": 2, "no_answers": 1} and s["kept"] == {"problems": 0}
-    s = label_sft(tmp_path / "run", out, min_accuracy=0.25)
+    s = label_sft(SFTLabelConfig(trees=str(tmp_path / "run"), out=str(out), min_accuracy=0.25))
     assert s["dropped"] == {"low_accuracy": 1, "no_answers": 1} and s["kept"] == {"problems": 1}
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["quarter"]
-    assert label_sft(tmp_path / "run", out)["dropped"] == {"no_answers": 1, "no_correct": 1}
+    assert label_sft(SFTLabelConfig(trees=str(tmp_path / "run"), out=str(out)))["dropped"] == {"no_answers": 1, "no_correct": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,16 +246,17 @@ def test_jobs_read_trees_folder_in_id_order_and_write_training_formats(tmp_path)
     tree_io.save(_two_by_two(), trees)  # id "p", file p-...
     (trees / ".half.tmp.json").write_text("{")  # an unfinished write is not a tree
     assert [t.meta["problem"]["id"] for t in load_trees(trees)] == ["a/z", "p"]
-    s = label_ppm(tmp_path, tmp_path / "ppm.jsonl")
+    s = label_ppm(PPMLabelConfig(trees=str(tmp_path), out=str(tmp_path / "ppm.jsonl")))
     recs = read_records(tmp_path / "ppm.jsonl", "ppm")
     assert [r["id"] for r in recs] == ["a/z"] * 2 + ["p"] * 9 and s["records"] == 11
     assert [r["level"] for r in recs[:2]] == ["step", "answer"]
     assert s["kept"] == {"step_pairs": 6, "answer_pairs": 5} and s["dropped"] == {}
-    assert label_ppm(tmp_path, tmp_path / "ppm.jsonl", PairConfig(answer_pairs=False))["records"] == 6
-    s = label_value(trees, tmp_path / "value.jsonl")
+    assert label_ppm(PPMLabelConfig(trees=str(tmp_path), out=str(tmp_path / "ppm.jsonl"),
+                                    pairs=PairConfig(answer_pairs=False)))["records"] == 6
+    s = label_value(TreesLabelConfig(trees=str(trees), out=str(tmp_path / "value.jsonl")))
     assert len(read_records(tmp_path / "value.jsonl", "value")) == s["records"] == s["trajectories"] == 11
     assert s["kept"] == {"correct": 5, "wrong": 6} and s["problems"] == 2
-    label_sft(trees, tmp_path / "sft.jsonl")
+    label_sft(SFTLabelConfig(trees=str(trees), out=str(tmp_path / "sft.jsonl")))
     assert [r["id"] for r in read_records(tmp_path / "sft.jsonl", "sft")] == ["a/z", "p", "p"]
 
 

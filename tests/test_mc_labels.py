@@ -8,7 +8,9 @@ import jax
 import pytest
 
 from rstar_jax.data import Problem
-from rstar_jax.labels.mc import MCConfig, MCLabelError, Solution, label_solution, mc_labels, run_mc_labels
+from rstar_jax.config import SandboxSection
+from rstar_jax.labels.mc import (MCConfig, MCJobConfig, MCLabelError, Solution, label_solution, mc_labels,
+                                 run_mc_labels)
 from rstar_jax.math.grading import Grader
 from rstar_jax.math.steps import StepRunner, split_observation
 from rstar_jax.engine import Completion
@@ -129,8 +131,8 @@ def test_real_tiny_policy_end_to_end(tmp_path, tiny_tokenizer):
     src = tmp_path / "solutions.jsonl"
     src.write_text(json.dumps({"id": "mia", "question": PROBLEM.question, "answer": "17",
                                "steps": [S1, S2, S3, S4]}) + "\n")
-    summary = run_mc_labels(str(folder), src, tmp_path / "mc.jsonl", MCConfig(k=2), max_new_tokens=8,
-                            sandbox_workers=1)
+    summary = run_mc_labels(MCJobConfig(policy=str(folder), trees=str(src), out=str(tmp_path / "mc.jsonl"),
+                                        mc=MCConfig(k=2), max_new_tokens=8, sandbox=SandboxSection(workers=1)))
     [rec] = [json.loads(line) for line in (tmp_path / "mc.jsonl").read_text().splitlines()]
     assert summary["solutions"] == 1 and summary["steps"] == 4
     # random weights never finish a correct solution in 8 tokens; the answer step keeps its own label

@@ -10,12 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rstar_jax.evaluate.processbench import (OfficialProtocol, ProcessBenchError, Row, best_threshold,
-                                             candidate_thresholds, diagnostics, first_error, load_rows,
+from rstar_jax.evaluate.processbench import (OfficialProtocol, ProcessBenchConfig, ProcessBenchError, Row,
+                                             best_threshold, candidate_thresholds, diagnostics, first_error, load_rows,
                                              processbench_metrics, run_official, run_processbench, split_calibration,
                                              sweep)
 
 SHARED_PB = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench_gsm8k.json"
+
+
+def _cfg(data, out, reward_model="scorer", **kw):
+    return ProcessBenchConfig(reward_model=reward_model, data=str(data), out=str(out), **kw)
 
 
 def _row(label, n_steps, final_ok=False, rid=None):
@@ -98,14 +102,14 @@ def test_oracle_gets_f1_100_and_constant_gets_the_expected_numbers(tmp_path):
             out.append([0.0 if label != -1 and i >= label else 1.0 for i in range(len(steps))])
         return out
 
-    report = run_processbench(oracle, path, tmp_path / "oracle")
+    report = run_processbench(_cfg(path, tmp_path / "oracle"), oracle)
     assert report["eval"]["f1"] == 100.0 and report["eval_upper_bound"]["f1"] == 100.0
     assert 0.0 < report["calibration"]["threshold"] <= 1.0
 
     def constant(items):
         return [[0.7] * len(steps) for _, steps in items]
 
-    report = run_processbench(constant, path, tmp_path / "const")
+    report = run_processbench(_cfg(path, tmp_path / "const"), constant)
     _, eval_idx = split_calibration(rows, 0.5, 0)
     eval_rows = [rows[i] for i in eval_idx]
     n_err = sum(r.label != -1 for r in eval_rows)
@@ -130,7 +134,7 @@ def test_threshold_is_fixed_on_calibration_then_applied(tmp_path):
     def scorer(items):
         return [[first[p], 1.0] for p, _ in items]
 
-    report = run_processbench(scorer, tmp_path / "e.jsonl", tmp_path / "out", calibration_path=tmp_path / "c.jsonl")
+    report = run_processbench(_cfg(tmp_path / "e.jsonl", tmp_path / "out", calibration=str(tmp_path / "c.jsonl")), scorer)
     assert report["calibration"]["threshold"] == pytest.approx(0.5) and report["calibration"]["f1"] == 100.0
     # at 0.5 on eval: e0 (0.5) is not below -> wrong; e1 wrong; both correct rows right
     assert report["eval"]["error_acc"] == 0.0 and report["eval"]["correct_acc"] == 100.0
@@ -167,7 +171,7 @@ def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels)
     data = tmp_path / "subset.jsonl"
     data.write_text("".join(json.dumps({"id": r.id, "problem": r.problem, "steps": list(r.steps), "label": r.label,
                                         "final_answer_correct": r.final_answer_correct}) + "\n" for r in rows))
-    report = run_processbench(str(folder), data, tmp_path / "out", batch_size=8)
+    report = run_processbench(_cfg(data, tmp_path / "out", reward_model=str(folder), batch_size=8))
     preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert sorted(p["id"] for p in preds) == sorted(r.id for r in rows)
     # the written scores are the reward model's reported scores read at each step's end
@@ -180,8 +184,8 @@ def test_real_tiny_reward_model_end_to_end(tmp_path, tiny_tokenizer, num_labels)
     assert report["eval"]["f1"] <= report["eval_upper_bound"]["f1"]
     with pytest.raises(ProcessBenchError, match="not a reward model"):
         from rstar_jax.models.hf_io import save_causal_lm
-        run_processbench(str(save_causal_lm(tmp_path / "lm", cfg, init_params(cfg, jax.random.key(1)), tiny_tokenizer)),
-                         data, tmp_path / "out2")
+        lm = save_causal_lm(tmp_path / "lm", cfg, init_params(cfg, jax.random.key(1)), tiny_tokenizer)
+        run_processbench(_cfg(data, tmp_path / "out2", reward_model=str(lm)))
 
 
 def _subset(tmp_path: Path, name: str, labels: list[int]) -> Path:
@@ -240,10 +244,10 @@ def test_rows_without_both_kinds_fail_before_scoring_naming_file_and_split(tmp_p
     only_errors = _subset(tmp_path, "errors", [0, 1, 2, 0])
     with pytest.raises(ProcessBenchError, match=r"errors.json \(calibration split: calibration_fraction 0.5, "
                                                 r"seed 0\): no correct rows \(label -1\)"):
-        run_processbench(must_not_score, only_errors, tmp_path / "a")
+        run_processbench(_cfg(only_errors, tmp_path / "a"), must_not_score)
     mixed = _subset(tmp_path, "mixed", [0, -1, 1, -1])
     with pytest.raises(ProcessBenchError, match=r"errors.json \(calibration\): no correct rows \(label -1\) among"):
-        run_processbench(must_not_score, mixed, tmp_path / "b", calibration_path=only_errors)
+        run_processbench(_cfg(mixed, tmp_path / "b", calibration=str(only_errors)), must_not_score)
     with pytest.raises(ProcessBenchError, match=r"errors.json \(subset math\): no correct rows"):
         run_official(must_not_score, OfficialProtocol(math=str(only_errors), threshold_from="fixed"), tmp_path / "c")
 

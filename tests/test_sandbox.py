@@ -5,8 +5,10 @@ import shutil
 
 import pytest
 
+from rstar_jax.config import SandboxSection
 from rstar_jax.sandbox import ExecResult, SandboxError, SandboxPool, exec_file
 from rstar_jax.sandbox import isolation
+from rstar_jax.sandbox.jsonl import ExecConfig
 
 # Without bubblewrap these behaviour tests still run, on process-only isolation; the attack suite skips.
 INSECURE = shutil.which("bwrap") is None
@@ -140,12 +142,17 @@ def test_process_only_isolation_needs_explicit_opt_in(monkeypatch):
     assert r[0].last_line == "['f.txt']" and r[1].last_line == "[]"  # scratch is emptied between programs
 
 
+def _exec(programs, out, timeout_s, workers=1):
+    return ExecConfig(programs=str(programs), out=str(out or ""),
+                      sandbox=SandboxSection(workers=workers, timeout_s=timeout_s, memory_mb=256, allow_insecure=INSECURE))
+
+
 def test_exec_file_writes_results_in_input_order(tmp_path):
     programs = tmp_path / "programs.jsonl"
     rows = [{"id": "a", "code": "print(6 * 7)"}, {"id": 2, "code": "1 / 0"}, {"id": "c", "code": "print('é')"}]
     programs.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     out = tmp_path / "out.jsonl"
-    exec_file(programs, out, timeout_s=2.0, memory_mb=256, workers=2, allow_insecure=INSECURE)
+    exec_file(_exec(programs, out, timeout_s=2.0, workers=2))
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["id"] for g in got] == ["a", 2, "c"]
     assert [g["status"] for g in got] == ["ok", "error", "ok"]
@@ -158,12 +165,12 @@ def test_exec_file_names_file_and_line_of_bad_input(tmp_path, line, problem):
     programs = tmp_path / "programs.jsonl"
     programs.write_text(json.dumps({"id": 0, "code": "print(0)"}) + "\n" + line + "\n")
     with pytest.raises(SandboxError, match=f"programs.jsonl:2: .*{problem}"):
-        exec_file(programs, None, timeout_s=1.0, memory_mb=256, workers=1, allow_insecure=INSECURE)
+        exec_file(_exec(programs, None, timeout_s=1.0))
 
 
 def test_exec_file_prints_to_stdout_without_out(tmp_path, capsys):
     programs = tmp_path / "p.jsonl"
     programs.write_text(json.dumps({"id": 9, "code": "print('hi')"}) + "\n")
-    exec_file(programs, None, timeout_s=2.0, memory_mb=256, workers=1, allow_insecure=INSECURE)
+    exec_file(_exec(programs, None, timeout_s=2.0))
     (line,) = capsys.readouterr().out.splitlines()
     assert json.loads(line)["id"] == 9 and json.loads(line)["last_line"] == "hi"

@@ -5,21 +5,28 @@ import re
 
 import pytest
 
+from rstar_jax.config import SandboxSection
 from rstar_jax.models.hf_io import load_model
 from rstar_jax.search import tree_io
+from rstar_jax.search.baselines import BaselineConfig
 from rstar_jax.search.batch_state import BatchCheckpoint
 from rstar_jax.models.heads import RewardHead
+from rstar_jax.search.job import SearchConfig, SearchJobError, run_search
+from rstar_jax.search.mcts import MCTSConfig
+from rstar_jax.search.mcts_star import StarSearchConfig
 from rstar_jax.search.policy import RewardScorer
-from rstar_jax.search.job import SearchJobError, run_search
 from rstar_jax.search.view import write_html
 
 SPEC = "synth:levels=1-2,n=4,seed=0"
 
 
-def job(folder, out, **kw):
-    args = dict(method="mcts", rollouts=1, candidates=2, max_depth=3, max_new_tokens=6, few_shot=0, batch=2,
-                sandbox_workers=1, allow_insecure_sandbox=True, progress=False)
-    return run_search(str(folder), SPEC, out=str(out), **(args | kw))
+def job(folder, out, method="mcts", rollouts=1, candidates=2, samples=8, in_flight=2, **kw):
+    cfg = SearchConfig(model=str(folder), problems=SPEC, method=method, out=str(out), max_depth=3, max_new_tokens=6,
+                       few_shot=0, in_flight=in_flight, sandbox=SandboxSection(workers=1, allow_insecure=True),
+                       mcts=MCTSConfig(rollouts=rollouts, candidates=candidates),
+                       mcts_star=StarSearchConfig(iterations=rollouts, branch=candidates),
+                       baseline=BaselineConfig(samples=samples, candidates=candidates), **kw)
+    return run_search(cfg, progress=False)
 
 
 def lines(path):
@@ -95,16 +102,17 @@ def test_search_baseline_and_bad_arguments(tiny_hf_folder, tmp_path):
     scorer = RewardScorer(loaded.params, loaded.cfg, loaded.tokenizer, loaded.head)
     [scores] = scorer([("Q: 1 + 1?", ["x = 1 + 1\n<end_of_step>", "print(x)\n<end_of_code>"])])
     assert scorer.head.low == -1.0 and len(scores) == 2 and all(-1 < v < 1 for v in scores) and scores[0] != scores[1]
-    with pytest.raises(SearchJobError, match="not a reward model"):
+    with pytest.raises(ValueError, match="not a reward model"):
         job(folder, tmp_path / "bon2", method="bon", reward_model=str(folder), limit=1)
-    with pytest.raises(SearchJobError, match="another method"):
+    assert not (tmp_path / "bon2").exists()  # inputs are checked before the folder is written
+    with pytest.raises(ValueError, match="method='greedy', not 'maj'"):
         job(folder, tmp_path / "greedy", method="maj", limit=2)
-    with pytest.raises(SearchJobError, match="--method 'dfs'"):
+    with pytest.raises(ValueError, match="method 'dfs'"):
         job(folder, tmp_path / "x", method="dfs")
-    with pytest.raises(SearchJobError, match="needs --reward-model"):
+    with pytest.raises(SearchJobError, match="needs a reward model"):
         job(folder, tmp_path / "y", method="bon")
-    with pytest.raises(SearchJobError, match="--batch=0"):
-        job(folder, tmp_path / "z", batch=0)
+    with pytest.raises(ValueError, match="in_flight=-1"):
+        job(folder, tmp_path / "z", in_flight=-1)
     with pytest.raises(ValueError, match="mode 'x'"):
         job(folder, tmp_path / "w", mode="x")
 

@@ -30,7 +30,7 @@ def test_cli_greedy_matches_transformers(tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     out = tmp_path / "out.jsonl"
     assert main(["generate", "--model", "smollm2-135m", "--prompts", str(prompts), "--max-new-tokens", "64",
-                 "--temperature", "0", "--out", str(out)]) == 0
+                 "--temperature", "0", "--no-chat", "--out", str(out)]) == 0
     ours = [json.loads(line)["completions"][0]["token_ids"] for line in out.read_text().splitlines()]
 
     folder = resolve("smollm2-135m")

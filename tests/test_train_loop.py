@@ -84,7 +84,7 @@ def test_step_count_from_epochs_min_steps_and_max_steps():
     from rstar_jax.train.loop import total_steps
 
     def steps(*overrides):
-        return total_steps(load_config(list(overrides)), steps_per_epoch=2)
+        return total_steps(load_config(["train.min_steps=0", *overrides]), steps_per_epoch=2)
 
     assert steps("train.epochs=4") == 8
     assert steps("train.epochs=4", "train.min_steps=12") == 12  # few records: at least min_steps
@@ -96,11 +96,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", sft_records(4))
     with pytest.raises(RunConfigError, match="training kind 'dpo'"):
         run_training("dpo", "random", str(data), str(tmp_path / "a"), TINY)
-    with pytest.raises(RunConfigError, match="multiple of data.grad_accum"):
+    with pytest.raises(RunConfigError, match=r"data.grad_accum=3: must be a divisor of batch_size=8"):
         run_training("sft", "random", str(data), str(tmp_path / "b"), [*TINY, "data.grad_accum=3"])
     with pytest.raises(RunConfigError, match="model.arch"):
         run_training("sft", "random", str(data), str(tmp_path / "c"), [])
-    with pytest.raises(RunConfigError, match=r"train.min_steps=-1 must be >= 0"):
+    with pytest.raises(RunConfigError, match=r"train.min_steps=-1: must be >= 0"):
         run_training("sft", "random", str(data), str(tmp_path / "e"), [*TINY, "train.min_steps=-1"])
     with pytest.raises(DataFormatError, match=r"sft.jsonl:1: ppm record is missing 'pos'"):
         run_training("ppm", "random", str(data), str(tmp_path / "d"), TINY)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rstar_jax.data.problems import Problem
-from rstar_jax.jsonl import InputError, ResumableJsonl
+from rstar_jax.jsonl import InputError, write_jsonl
 from rstar_jax.math.steps import build_prompt
 
 
@@ -19,10 +19,4 @@ def reference_sft_records(problems: Sequence[Problem]) -> list[dict[str, str]]:
 
 
 def write_reference_sft(problems: Sequence[Problem], out: str | Path) -> None:
-    records = reference_sft_records(problems)
-    tmp = Path(str(out) + ".tmp")
-    tmp.unlink(missing_ok=True)
-    with ResumableJsonl(tmp) as w:
-        for r in records:
-            w.append(r)
-    tmp.replace(out)
+    write_jsonl(out, reference_sft_records(problems))

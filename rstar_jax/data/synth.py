@@ -20,15 +20,14 @@ Deterministic by seed: problem i draws from `random.Random(f"rstar-synth:{seed}:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import random
 import re
 from fractions import Fraction
 from pathlib import Path
 
 from rstar_jax.data.problems import Problem
+from rstar_jax.jsonl import write_jsonl
 from rstar_jax.math.steps import ANSWER, ANSWER_END, CODE, CODE_END, FINAL_CODE_COMMENT, STEP_END, observation_text
 
 LEVELS = (1, 2, 3, 4, 5)
@@ -277,9 +276,4 @@ def problem_record(p: Problem) -> dict:
 
 def write_synth_file(levels: list[int], n: int, seed: int, out: str | Path) -> None:
     """Write `generate(levels, n, seed)` as jsonl (id, question, answer, level, solution), atomically."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for p in generate(levels, n, seed):
-            f.write(json.dumps(problem_record(p), ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_jsonl(out, [problem_record(p) for p in generate(levels, n, seed)])

@@ -1,11 +1,17 @@
 """The inference engine: fixed decode slots, continuous batching, chunked prefill, stops found on device,
-sharded over the mesh (`engine.Engine`); `generate` is a thin wrapper over it."""
+sharded over the mesh (`engine.Engine`); `generate` is a thin wrapper over it.
 
-from rstar_jax.engine.api import Completion, Request, RequestError, SamplingConfig
-from rstar_jax.engine.config import EngineConfig
-from rstar_jax.engine.engine import Engine, Finished
-from rstar_jax.engine.generate import generate, prompt_keys
-from rstar_jax.engine.model import InferenceModel, prepare
+Names are imported on first use, so `rstar_jax.config` can take `EngineConfig` without importing JAX programs."""
 
-__all__ = ["Completion", "Engine", "EngineConfig", "Finished", "InferenceModel", "Request", "RequestError",
-           "SamplingConfig", "generate", "prepare", "prompt_keys"]
+import importlib
+
+_WHERE = {"Completion": "api", "Request": "api", "RequestError": "api", "SamplingConfig": "api",
+          "EngineConfig": "config", "Engine": "engine", "Finished": "engine", "generate": "generate",
+          "prompt_keys": "generate", "InferenceModel": "model", "prepare": "model"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'rstar_jax.engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"rstar_jax.engine.{_WHERE[name]}"), name)

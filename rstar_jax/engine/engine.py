@@ -328,4 +328,5 @@ class Engine:
     def _completion(self, req: _InFlight, ids: np.ndarray) -> Completion:
         s = req.request.sampling
         ids_list, text, stopped = finish(self.tokenizer, ids.tolist(), set() if s.ignore_eos else self.eos, s.stop)
+        self.stats["tokens"] += len(ids_list)
         return Completion(text, ids_list, "stop" if stopped else "length")

@@ -43,6 +43,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from rstar_jax.config import InferenceConfig, at_least
 from rstar_jax.jsonl import InputError, iter_jsonl
 
 # (problem, steps) pairs -> one score per step; higher = more likely correct.
@@ -53,6 +54,20 @@ STEP_SEPARATOR = "\n"  # what goes before each natural-language step when a proj
 
 class ProcessBenchError(InputError):
     """Bad ProcessBench input (message names the file and row)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProcessBenchConfig(InferenceConfig):
+    reward_model: str  # reward model folder (a name only, when the caller passes its own scorer)
+    data: str  # ProcessBench JSON / JSONL
+    out: str  # output folder
+    calibration: str = ""  # rows to choose the threshold on (default: a seeded share of data)
+    calibration_fraction: float = 0.5
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self):
+        at_least(1, batch_size=self.batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,23 +295,15 @@ def score_rows(score: ScoreFn, rows: Sequence[Row], chunk: int = 64, desc: str =
     return out
 
 
-def run_processbench(
-    reward_model: str | ScoreFn,
-    data_path: str | Path,
-    out_dir: str | Path,
-    *,
-    calibration_path: str | Path | None = None,
-    calibration_fraction: float = 0.5,
-    seed: int = 0,
-    batch_size: int = 16,
-    compute_dtype: Any = "float32",
-) -> dict[str, Any]:
-    """Score every row, fix the threshold on the calibration rows, evaluate; write outputs; return the report."""
+def run_processbench(cfg: ProcessBenchConfig, score: ScoreFn | None = None) -> dict[str, Any]:
+    """Score every row (with `score`, else with `cfg.reward_model`), fix the threshold on the calibration rows,
+    evaluate; write outputs; return the report."""
+    data_path, seed, calibration_fraction = cfg.data, cfg.seed, cfg.calibration_fraction
     rows = load_rows(data_path)
-    if calibration_path is not None:
-        calib_rows, eval_rows = load_rows(calibration_path), rows
-        calib_name = str(calibration_path)
-        require_both_kinds(calib_rows, f"{calibration_path} (calibration)")
+    if cfg.calibration:
+        calib_rows, eval_rows = load_rows(cfg.calibration), rows
+        calib_name = cfg.calibration
+        require_both_kinds(calib_rows, f"{cfg.calibration} (calibration)")
         require_both_kinds(eval_rows, f"{data_path} (eval)")
     else:
         calib_idx, eval_idx = split_calibration(rows, calibration_fraction, seed)
@@ -305,8 +312,8 @@ def run_processbench(
         for split, part in (("calibration", calib_rows), ("eval", eval_rows)):
             require_both_kinds(part, f"{data_path} ({split} split: calibration_fraction {calibration_fraction:g}, "
                                      f"seed {seed})")
-    score = reward_model if callable(reward_model) else reward_model_scorer(
-        reward_model, batch_size=batch_size, compute_dtype=compute_dtype)
+    if score is None:
+        score = reward_model_scorer(cfg.reward_model, batch_size=cfg.batch_size, compute_dtype=cfg.dtype)
     calib_scores = score_rows(score, calib_rows, desc="processbench calibration")
     eval_scores = score_rows(score, eval_rows, desc="processbench eval")
 
@@ -316,14 +323,14 @@ def run_processbench(
     upper_threshold, upper = best_threshold(eval_rows, eval_scores)
     report = {
         "data": str(data_path),
-        "reward_model": _model_name(reward_model),
+        "reward_model": cfg.reward_model,
         "calibration": {"source": calib_name, "rows": len(calib_rows), "threshold": threshold,
                         **dataclasses.asdict(calib_metrics)},
         "eval": {"rows": len(eval_rows), "threshold": threshold, **dataclasses.asdict(fixed)},
         "eval_upper_bound": {"threshold": upper_threshold, **dataclasses.asdict(upper)},
         "diagnostics": diagnostics(eval_rows, eval_scores, eval_preds),
     }
-    _write(Path(out_dir), report, calib_rows, calib_scores, eval_rows, eval_scores, threshold)
+    _write(Path(cfg.out), report, calib_rows, calib_scores, eval_rows, eval_scores, threshold)
     return report
 
 

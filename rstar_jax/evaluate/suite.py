@@ -28,13 +28,16 @@ answer, bon_X@N here ranks all N chains, so a top-scored chain without an answer
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
+from rstar_jax.config import at_least, shared
 from rstar_jax.jsonl import InputError, ResumableJsonl, read_jsonl, write_json
 from rstar_jax.math.steps import StepKind
 from rstar_jax.scoring import AGGREGATIONS
 from rstar_jax.search import tree_io
+from rstar_jax.search.job import SearchConfig, SearchSettings
 
 METHODS = ("greedy", "samples", "beam", "mcts")
 NEEDS_REWARD_MODEL = ("beam",)
@@ -44,6 +47,49 @@ SKIPPED = "skipped: needs --reward-model"
 
 class EvalSuiteError(InputError):
     """A bad `eval --model` argument (one line naming it)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig(SearchSettings):
+    """`eval`: every method of a policy on problems (`model` + `problems`), or the metrics of a `samples` file."""
+
+    out: str  # output folder; rerun the same command to resume
+    model: str = ""  # the policy: HF folder, .gguf, alias, or an exported checkpoint folder
+    problems: str = ""  # with model: a problem jsonl or a synthetic spec "synth:levels=1-2,n=32,seed=0"
+    samples: str = ""  # instead of model: a JSONL of per-problem gold answers and scored samples
+    reward_model: str | None = None  # PPM / PRM folder: BoN step scores, beam search, PPM-scored MCTS
+    methods: tuple[Literal["greedy", "samples", "beam", "mcts"], ...] = METHODS
+    num_samples: int = 64  # one set of samples per problem for maj@N / BoN@N
+    beam_width: int = 4
+    grader_workers: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if bool(self.samples) == bool(self.model):
+            raise EvalSuiteError("give either --samples FILE or --model M --problems FILE (not both)")
+        if self.model and not self.problems:
+            raise EvalSuiteError("--model: needs --problems FILE (a problem jsonl or a synth:... spec)")
+        if not self.methods:
+            raise EvalSuiteError("methods (--methods): give at least one")
+        if self.reward_model is None and all(m in NEEDS_REWARD_MODEL for m in self.methods):
+            raise EvalSuiteError(f"--methods {','.join(self.methods)}: every one needs --reward-model")
+        at_least(1, num_samples=self.num_samples, beam_width=self.beam_width, grader_workers=self.grader_workers)
+
+    @property
+    def runs(self) -> list[str]:
+        """The methods that run, in table order (those needing a reward model only with one)."""
+        return [m for m in METHODS if m in self.methods and (self.reward_model is not None
+                                                              or m not in NEEDS_REWARD_MODEL)]
+
+    def search_config(self, method: str) -> SearchConfig:
+        """The `search` job of one method."""
+        budget = {"samples": self.num_samples, "beam": self.beam_width}.get(method)
+        settings = shared(self, SearchSettings)
+        if budget is not None:
+            settings["baseline"] = dataclasses.replace(self.baseline, samples=budget)
+        return SearchConfig(**settings, model=self.model, problems=self.problems, method=SEARCH_METHOD[method],
+                            mode="inference", out=str(Path(self.out) / method),
+                            reward_model=self.reward_model if method in ("beam", "mcts") else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,10 +160,7 @@ def _score_env(reward_model: str, dtype: str):
     from rstar_jax.models.hf_io import load_model
     from rstar_jax.search.policy import RewardScorer, StepEnv
 
-    rm = load_model(reward_model, dtype="float32")
-    if rm.num_labels is None:
-        raise EvalSuiteError(f"--reward-model {reward_model!r}: not a reward model "
-                             "(expected a *ForTokenClassification folder)")
+    rm = load_model(reward_model, dtype="float32")  # checked to be a reward model by `run_eval`
     scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.head, compute_dtype=jnp.dtype(dtype))
     return StepEnv(None, None, rm.tokenizer, None, step_len=0, scorer=scorer)
 
@@ -170,54 +213,35 @@ def _markdown(rows: list[dict[str, Any]], problems: int, num_samples: int) -> st
 # The suite
 
 
-def run_eval(model: str, problems: str, out: str, *, reward_model: str | None = None, num_samples: int = 64,
-             methods: Sequence[str] = METHODS, limit: int | None = None, batch: int = 8, seed: int = 0,
-             max_depth: int = 16, max_new_tokens: int = 256, few_shot: int = 2, temperature: float | None = None,
-             rollouts: int | None = None, candidates: int | None = None, beam_width: int = 4,
-             aggregation: str = "min", dtype: str = "float32", sandbox_workers: int | None = None,
-             allow_insecure_sandbox: bool = False, grader_workers: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Run `methods` over `problems` into `out` (layout in the module docstring); returns report.json's object."""
+def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run `cfg.methods` over `cfg.problems` into `cfg.out` (layout in the module docstring); returns report.json's
+    object. Every setting and both models are checked before the first search starts."""
     from rstar_jax.evaluate.metrics import compute_metrics, read_samples
-    from rstar_jax.plots import plot_accuracy
     from rstar_jax.math.grading import Grader
+    from rstar_jax.plots import plot_accuracy
     from rstar_jax.sandbox import SandboxPool
-    from rstar_jax.search.job import method_config, run_search
+    from rstar_jax.search.job import check_models, run_search
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise EvalSuiteError(f"--methods {','.join(methods)!r}: each must be one of {', '.join(METHODS)}")
-    methods = [m for m in METHODS if m in methods]
-    budgets = {"greedy": {}, "samples": {"samples": num_samples}, "beam": {"samples": beam_width},
-               "mcts": {"rollouts": rollouts}}
-    todo = [m for m in methods if reward_model is not None or m not in NEEDS_REWARD_MODEL]
-    if not todo:
-        raise EvalSuiteError(f"--methods {','.join(methods)}: every one needs --reward-model")
-    for method in todo:  # every setting is checked before the first run starts
-        method_config(SEARCH_METHOD[method], "inference", candidates=candidates, temperature=temperature,
-                      aggregation=aggregation, **({"rollouts": None, "samples": None} | budgets[method]))
-    out_dir = Path(out)
+    searches = {method: cfg.search_config(method) for method in cfg.runs}
+    check_models(cfg, cfg.model, cfg.reward_model)
+    out_dir, methods, reward_model = Path(cfg.out), cfg.methods, cfg.reward_model
     runs = {}
     # one sandbox for every run, forked before the first run starts JAX
-    with SandboxPool(workers=sandbox_workers, allow_insecure=allow_insecure_sandbox) as pool:
-        for method in todo:
-            runs[method] = run_search(
-                model, problems, SEARCH_METHOD[method], str(out_dir / method), mode="inference",
-                reward_model=reward_model if method in ("beam", "mcts") else None, candidates=candidates,
-                temperature=temperature, max_depth=max_depth, limit=limit, batch=batch, seed=seed,
-                max_new_tokens=max_new_tokens, few_shot=few_shot, aggregation=aggregation, dtype=dtype,
-                progress=progress, pool=pool, **budgets[method])
+    with SandboxPool.from_section(cfg.sandbox) as pool:
+        for method, search in searches.items():
+            runs[method] = run_search(search, progress=progress, pool=pool)
 
     metrics = None
     if "samples" in runs:
-        samples_path = write_samples_file(out_dir, problems, reward_model, "greedy" in runs, dtype)
-        with Grader(workers=grader_workers) as grader:
+        samples_path = write_samples_file(out_dir, cfg.problems, reward_model, "greedy" in runs, cfg.dtype)
+        with Grader(workers=cfg.grader_workers) as grader:
             metrics = compute_metrics(read_samples(samples_path), grader)
     rows = report_rows(metrics, runs, methods, reward_model is not None)
     n_problems = next(iter(runs.values()))["problems"]
-    report = {"model": model, "reward_model": reward_model, "problems": problems, "num_problems": n_problems,
-              "num_samples": num_samples, "rows": rows, "samples_metrics": metrics, "runs": runs}
+    report = {"model": cfg.model, "reward_model": reward_model, "problems": cfg.problems, "num_problems": n_problems,
+              "num_samples": cfg.num_samples, "rows": rows, "samples_metrics": metrics, "runs": runs}
     write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(_markdown(rows, n_problems, num_samples))
+    (out_dir / "report.md").write_text(_markdown(rows, n_problems, cfg.num_samples))
     points = [(r["method"], r["accuracy"], r["tokens"]) for r in rows if r["N"] is None and r["accuracy"] is not None]
     by_n = metrics["by_n"] if metrics is not None else []
     if by_n:

@@ -34,48 +34,52 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rstar_jax.config import RunConfigError, to_dict
+from rstar_jax.config import InferenceConfig, RunConfigError, shared, to_dict
 from rstar_jax.evolve.config import EvolveConfig, load_evolve_config, training_sources
 from rstar_jax.evolve.stages import run_stage
-from rstar_jax.jsonl import read_jsonl, write_json, write_jsonl
+from rstar_jax.jsonl import keep_settings, read_jsonl, write_jsonl
+from rstar_jax.search.mcts import MCTSConfig
 
 
 def run_evolve(config_path: str | Path, out: str | Path, overrides: tuple[str, ...] | list[str] = (), *,
                allow_insecure_sandbox: bool = False) -> Path:
-    """Run (or resume) the rounds of `config_path` into `out`; returns the report path."""
+    """Run (or resume) the rounds of `config_path` into `out`; returns the report path. Every input is checked
+    before the run folder's config.json is written."""
+    from rstar_jax.data import load_problems
+    from rstar_jax.models.hf_io import model_config
     from rstar_jax.sandbox import SandboxPool
 
     cfg, base = load_evolve_config(config_path, overrides)
     policy_sources = training_sources(cfg.policy_train, base)
     ppm_sources = training_sources(cfg.ppm_train, base)
-    prompt = ""
-    if cfg.search.prompt_file:
-        path = base / cfg.search.prompt_file
-        if not path.is_file():
-            raise RunConfigError(f"{config_path}: search.prompt_file {cfg.search.prompt_file!r} does not exist")
-        prompt = path.read_text()
+    prompt_file = str(base / cfg.search.prompt_file) if cfg.search.prompt_file else ""
+    if prompt_file and not Path(prompt_file).is_file():
+        raise RunConfigError(f"{config_path}: search.prompt_file {cfg.search.prompt_file!r} does not exist")
+    for key in ("train", "heldout"):
+        try:
+            load_problems(getattr(cfg.problems, key))
+        except ValueError as e:
+            raise RunConfigError(f"problems.{key}: {e}") from None
+    model_config(cfg.model, reward=False, name="model").check_positions(
+        cfg.search.max_new_tokens, f"search.max_new_tokens={cfg.search.max_new_tokens} (per step)")
     run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = {"config": to_dict(cfg), "policy_train": policy_sources, "ppm_train": ppm_sources, "prompt": prompt}
-    config_file = run_dir / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()) != json.loads(json.dumps(saved)):
-        raise RunConfigError(f"{out}: holds an evolve run with another config; choose another --out")
-    write_json(config_file, saved)
+    saved = {"config": to_dict(cfg), "policy_train": policy_sources, "ppm_train": ppm_sources,
+             "prompt": Path(prompt_file).read_text() if prompt_file else ""}
+    keep_settings(run_dir / "config.json", saved, str(out), "an evolve run")
 
     # one sandbox pool for every search, forked before JAX starts a backend
     workers = cfg.sandbox_workers or None
     with SandboxPool(workers=workers, allow_insecure=allow_insecure_sandbox) as pool:
-        run = Rounds(cfg, run_dir, pool, policy_sources, ppm_sources, prompt or cfg.search.few_shot)
-        return run.all()
+        return Rounds(cfg, run_dir, pool, policy_sources, ppm_sources, prompt_file).all()
 
 
 class Rounds:
     """The rounds of one run; every method is one stage or a step of one."""
 
     def __init__(self, cfg: EvolveConfig, run_dir: Path, pool, policy_sources: list[str], ppm_sources: list[str],
-                 base_few_shot: int | str):
+                 prompt_file: str):
         self.cfg, self.dir, self.pool = cfg, run_dir, pool
-        self.policy_sources, self.ppm_sources, self.base_few_shot = policy_sources, ppm_sources, base_few_shot
+        self.policy_sources, self.ppm_sources, self.prompt_file = policy_sources, ppm_sources, prompt_file
 
     def all(self) -> Path:
         from rstar_jax.evolve.report import write_report
@@ -107,20 +111,19 @@ class Rounds:
         if not self.cfg.keep_checkpoints:
             shutil.rmtree(stage / "run" / "checkpoints", ignore_errors=True)
 
-    def few_shot(self, policy: dict[str, Any]) -> int | str:
-        """The base policy needs demonstrations; an SFT'd policy was trained on the zero-shot prompt."""
-        return 0 if policy["trained"] else self.base_few_shot
+    def _search(self, out: Path, policy: dict[str, Any], problems: str, method: str, *, seed: int, in_flight: int,
+                max_depth: int, mcts: MCTSConfig | None = None, mode: str = "inference",
+                reward_model: str | None = None) -> dict[str, Any]:
+        """A search job; the base policy is prompted with demonstrations, an SFT'd one zero-shot (as trained)."""
+        from rstar_jax.search.job import SearchConfig, run_search
 
-    def _search(self, out: Path, model: str, problems: str, method: str, *, few_shot: int | str, seed: int,
-                reward_model: str | None = None, mode: str = "inference", rollouts: int | None = None,
-                candidates: int | None = None, max_depth: int, batch: int) -> dict[str, Any]:
-        from rstar_jax.search.job import run_search
-
-        s = self.cfg.search
-        return run_search(model, problems, method, str(out), reward_model=reward_model, rollouts=rollouts,
-                          candidates=candidates, max_depth=max_depth, mode=mode, batch=batch, seed=seed,
-                          temperature=s.temperature if method == "mcts" else None, max_new_tokens=s.max_new_tokens,
-                          few_shot=few_shot, dtype=self.cfg.dtype, pool=self.pool)
+        prompt = {"few_shot": 0} if policy["trained"] else {"few_shot": self.cfg.search.few_shot,
+                                                             "prompt_file": self.prompt_file}
+        cfg = SearchConfig(**shared(self.cfg, InferenceConfig), model=policy["model"], problems=problems,
+                           method=method, out=str(out), mode=mode, reward_model=reward_model, seed=seed, in_flight=in_flight,
+                           max_depth=max_depth, max_new_tokens=self.cfg.search.max_new_tokens, **prompt,
+                           mcts=mcts or MCTSConfig())
+        return run_search(cfg, pool=self.pool)
 
     def _rounds_files(self, k: int, stage: str, name: str) -> list[Path]:
         first = 1 if self.cfg.labels.accumulate else k
@@ -131,21 +134,21 @@ class Rounds:
     def search(self, d: Path, k: int, policy: dict[str, Any], ppm: dict[str, Any]) -> dict[str, Any]:
         s = self.cfg.search
         mode = s.mode(k) if ppm["model"] is not None else "terminal"
-        summary = self._search(d, policy["model"], self.cfg.problems.train, "mcts", few_shot=self.few_shot(policy),
-                               seed=self.cfg.seed + k, reward_model=ppm["model"] if mode == "ppm" else None,
-                               mode=mode, rollouts=s.bootstrap_rollouts if k == 1 else s.rollouts,
-                               candidates=s.candidates, max_depth=s.max_depth, batch=s.batch)
+        mcts = s.mcts(mode=mode, rollouts=s.bootstrap_rollouts if k == 1 else s.rollouts)
+        summary = self._search(d, policy, self.cfg.problems.train, "mcts", seed=self.cfg.seed + k, in_flight=s.in_flight,
+                               max_depth=s.max_depth, mcts=mcts, mode=mode,
+                               reward_model=ppm["model"] if mode == "ppm" else None)
         return {"mode": mode, "scheduled_mode": s.mode(k), "policy": policy["model"], "ppm": ppm["model"],
                 "coverage": summary["solved_rate"],
                 "problems": summary["problems"], "tokens": round(summary["tokens_per_problem"] * summary["problems"]),
                 "summary": summary}
 
     def sft_data(self, d: Path, k: int) -> dict[str, Any]:
-        from rstar_jax.labels.job import label_sft
+        from rstar_jax.labels.job import SFTLabelConfig, label_sft
 
         lab = self.cfg.labels
-        summary = label_sft(self.dir / f"round_{k}" / "search", d / "sft.jsonl", top=lab.sft_per_problem,
-                            min_accuracy=lab.sft_min_accuracy)
+        summary = label_sft(SFTLabelConfig(trees=str(self.dir / f"round_{k}" / "search"), out=str(d / "sft.jsonl"),
+                                           top=lab.sft_per_problem, min_accuracy=lab.sft_min_accuracy))
         records = _union(self._rounds_files(k, "sft_data", "sft.jsonl"))
         write_jsonl(d / "train.jsonl", records)
         return {"round_records": summary["records"], "train_records": len(records), "label_summary": summary}
@@ -158,12 +161,11 @@ class Rounds:
         return {"model": str(d / "hf"), "trained": True, "metrics": metrics, "tokens": metrics.get("tokens_trained", 0)}
 
     def ppm_data(self, d: Path, k: int) -> dict[str, Any]:
-        from rstar_jax.labels.job import label_ppm
-        from rstar_jax.labels.ppm_pairs import PairConfig
+        from rstar_jax.labels.job import PPMLabelConfig, label_ppm
 
         lab = self.cfg.labels
-        summary = label_ppm(self.dir / f"round_{k}" / "search", d / "pairs.jsonl",
-                            PairConfig(min_gap=lab.ppm_min_gap, min_edit=lab.ppm_min_edit_distance))
+        summary = label_ppm(PPMLabelConfig(trees=str(self.dir / f"round_{k}" / "search"), out=str(d / "pairs.jsonl"),
+                                           pairs=lab.pairs))
         pairs = _union(self._rounds_files(k, "ppm_data", "pairs.jsonl"))
         out = [_unit(str(p["id"]), self.cfg.seed) < lab.ppm_heldout_fraction for p in pairs]
         held = [p for p, h in zip(pairs, out) if h]
@@ -184,19 +186,20 @@ class Rounds:
         """Held-out accuracies of the round's policy (greedy; MCTS with and without its PPM) and PPM pair accuracy."""
         from rstar_jax.data import load_problems
 
-        e, few = self.cfg.eval, self.few_shot(policy)
+        e = self.cfg.eval
         heldout = self.cfg.problems.heldout
         levels = {p.id: p.level for p in load_problems(heldout)}
-        common = dict(few_shot=few, seed=self.cfg.seed, max_depth=e.max_depth)
         out: dict[str, Any] = {"policy": policy["model"], "ppm": ppm["model"]}
-        runs = {"greedy": dict(method="greedy", batch=e.batch)}
-        mcts = dict(method="mcts", rollouts=e.rollouts, candidates=e.candidates, batch=e.batch)
+        runs: dict[str, dict[str, Any]] = {"greedy": dict(method="greedy")}
+        mcts = dict(method="mcts", mcts=self.cfg.search.mcts(mode="inference", rollouts=e.rollouts,
+                                                             candidates=e.candidates))
         if ppm["model"] is not None:
             runs["mcts"] = mcts | {"reward_model": ppm["model"]}
         if ppm["model"] is None or e.without_ppm == "every" or (e.without_ppm == "last" and k == self.cfg.rounds):
             runs["mcts_no_ppm"] = mcts
         for name, kw in runs.items():
-            summary = self._search(d / name, policy["model"], heldout, **common, **kw)
+            summary = self._search(d / name, policy, heldout, seed=self.cfg.seed, in_flight=e.in_flight,
+                                   max_depth=e.max_depth, **kw)
             out[name] = {"accuracy": summary["accuracy"], "tokens_per_problem": summary["tokens_per_problem"],
                          "wall_s": summary["wall_s"], "by_level": _by_level(d / name / "results.jsonl", levels)}
         if ppm["model"] is not None and k > 0:

@@ -12,7 +12,7 @@ the kept records (PRM format, plus "judge_first_error") go to `out`; the counts 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from rstar_jax.jsonl import InputError, ResumableJsonl, iter_jsonl
+from rstar_jax.config import InferenceConfig, at_least
+from rstar_jax.jsonl import InputError, ResumableJsonl, check_output_file, iter_jsonl, write_json, write_jsonl
 from rstar_jax.math.grading import last_boxed
 
 # prompts -> one generated text per prompt
@@ -38,6 +39,22 @@ CRITIQUE_TEMPLATE = (
 
 class ConsensusError(InputError):
     """Bad consensus-filter input (message names the file and line)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConsensusConfig(InferenceConfig):
+    """`label consensus`: judge the records of `mc` with the causal LM `judge`."""
+
+    mc: str  # MC-label JSONL from `rstar-jax label mc`
+    judge: str  # judge model: HF folder, .gguf or alias
+    out: str  # kept records (PRM JSONL); judgements resume from OUT.judged.jsonl
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    chat: bool | None = None  # wrap prompts in the chat template; None: when the tokenizer has one
+    seed: int = 0
+
+    def __post_init__(self):
+        at_least(1, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
 
 
 def critique_prompt(problem: str, steps: Sequence[str]) -> str:
@@ -89,8 +106,8 @@ def consensus_filter(records: Sequence[dict[str, Any]], judge: Judge, *, out: st
     kept = [rec | {"judge_first_error": j["judge_first_error"]} for rec, j in zip(records, judged) if j["keep"]]
     report = summarize(judged)
     if out is not None:
-        Path(out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-        Path(f"{out}.report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_jsonl(out, kept)
+        write_json(f"{out}.report.json", report)
     return kept, report
 
 
@@ -114,38 +131,39 @@ def summarize(judged: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def lm_judge(spec: str, *, max_new_tokens: int = 512, batch_size: int = 8, chat: bool | None = None,
-             seed: int = 0) -> Judge:
-    """Greedy critiques from a causal LM; `chat` (default: when the tokenizer has a template) wraps each prompt
-    as one user turn."""
+def lm_judge(cfg: ConsensusConfig) -> Judge:
+    """Greedy critiques from the causal LM `cfg.judge`."""
     import jax
 
-    from rstar_jax.generation import encode_prompts
+    from rstar_jax.generation import encode_prompts, use_chat
     from rstar_jax.models.hf_io import load_model
     from rstar_jax.engine import SamplingConfig, generate, prepare
 
-    lm = load_model(spec)
-    model = prepare(lm.params, lm.cfg)
-    use_chat = bool(lm.tokenizer.chat_template) if chat is None else chat
-    settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    lm = load_model(cfg.judge)
+    model = prepare(lm.params, lm.cfg, cfg.dtype)
+    chat = use_chat(lm.tokenizer, cfg.chat)
+    settings = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
 
     def judge(prompts: Sequence[str]) -> list[str]:
         out: list[str] = []
-        ids = encode_prompts(lm.tokenizer, list(prompts), use_chat)
-        for lo in range(0, len(ids), batch_size):
-            results = generate(model, lm.tokenizer, ids[lo : lo + batch_size], settings, jax.random.key(seed))
+        ids = encode_prompts(lm.tokenizer, list(prompts), chat)
+        for lo in range(0, len(ids), cfg.batch_size):
+            results = generate(model, lm.tokenizer, ids[lo : lo + cfg.batch_size], settings, jax.random.key(cfg.seed))
             out += [comps[0].text for comps in results]
         return out
 
     return judge
 
 
-def run_consensus(judge_model: str, mc_path: str | Path, out: str | Path, *, max_new_tokens: int = 512,
-                  batch_size: int = 8, chat: bool | None = None) -> dict[str, Any]:
-    """`rstar-jax label consensus`: judge every MC record of `mc_path`, keep the agreeing ones; returns the report."""
+def run_consensus(cfg: ConsensusConfig) -> dict[str, Any]:
+    """`rstar-jax label consensus`: judge every MC record of `cfg.mc`, keep the agreeing ones; returns the report."""
+    from rstar_jax.models.hf_io import model_config
+
     records = []
-    for n, rec in iter_jsonl(mc_path):
-        _check(rec, f"{mc_path}:{n}")
+    for n, rec in iter_jsonl(cfg.mc):
+        _check(rec, f"{cfg.mc}:{n}")
         records.append(rec)
-    judge = lm_judge(judge_model, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat)
-    return consensus_filter(records, judge, out=out, batch_size=batch_size)[1]
+    check_output_file(cfg.out)
+    model_config(cfg.judge, reward=False, name="--judge").check_positions(cfg.max_new_tokens,
+                                                                          f"max_new_tokens={cfg.max_new_tokens}")
+    return consensus_filter(records, lm_judge(cfg), out=cfg.out, batch_size=cfg.batch_size)[1]

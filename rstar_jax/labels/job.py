@@ -13,11 +13,13 @@ value: kept records of correct / wrong trajectories; problems without a graded a
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rstar_jax.jsonl import InputError, write_jsonl
+from rstar_jax.config import at_least, require
+from rstar_jax.jsonl import InputError, check_output_file, write_jsonl
 from rstar_jax.labels.ppm_pairs import PairConfig, ppm_pairs
 from rstar_jax.labels.trajectories import sft_records, trajectories
 from rstar_jax.labels.value_targets import value_records
@@ -26,6 +28,29 @@ from rstar_jax.search import tree_io
 
 class LabelError(InputError):
     """Bad labelling input or settings (one line naming it)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TreesLabelConfig:
+    """`label value`, and what every `label` of saved trees takes."""
+
+    trees: str  # a search's output folder or its trees/
+    out: str  # output JSONL
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTLabelConfig(TreesLabelConfig):
+    top: int = 2  # trajectories per problem
+    min_accuracy: float = 0.0  # drop problems whose trajectory accuracy is lower
+
+    def __post_init__(self):
+        at_least(1, top=self.top)
+        require(0 <= self.min_accuracy <= 1, "min_accuracy", self.min_accuracy, "in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPMLabelConfig(TreesLabelConfig):
+    pairs: PairConfig = PairConfig()
 
 
 def load_trees(trees_dir: str | Path) -> list[tree_io.SavedTree]:
@@ -56,34 +81,37 @@ def _write(kind: str, out: str | Path, trees: list[tree_io.SavedTree], records: 
             "dropped": dict(sorted(dropped.items()))}
 
 
-def label_sft(trees_dir: str | Path, out: str | Path, *, top: int = 2, min_accuracy: float = 0.0) -> dict[str, Any]:
+def _load(cfg: TreesLabelConfig) -> list[tree_io.SavedTree]:
+    check_output_file(cfg.out)  # before reading the trees
+    return load_trees(cfg.trees)
+
+
+def label_sft(cfg: SFTLabelConfig) -> dict[str, Any]:
     """Policy SFT records: per problem the `top` best correct trajectories (`trajectories.py`)."""
-    if top < 1 or not 0.0 <= min_accuracy <= 1.0:
-        raise LabelError(f"label sft: need top >= 1 and 0 <= min_accuracy <= 1, got {top}, {min_accuracy}")
-    trees = load_trees(trees_dir)
+    trees = _load(cfg)
     records, dropped = [], Counter()
     for saved in trees:
-        recs, reason = sft_records(saved, top, min_accuracy)
+        recs, reason = sft_records(saved, cfg.top, cfg.min_accuracy)
         records += recs
         if reason:
             dropped[reason] += 1
-    return _write("sft", out, trees, records, {"problems": len(trees) - sum(dropped.values())}, dropped)
+    return _write("sft", cfg.out, trees, records, {"problems": len(trees) - sum(dropped.values())}, dropped)
 
 
-def label_ppm(trees_dir: str | Path, out: str | Path, cfg: PairConfig = PairConfig()) -> dict[str, Any]:
+def label_ppm(cfg: PPMLabelConfig) -> dict[str, Any]:
     """PPM preference pairs (`ppm_pairs.py`): step pairs, then answer-step pairs, tree by tree."""
-    trees = load_trees(trees_dir)
+    trees = _load(cfg)
     records, dropped = [], Counter()
     for saved in trees:
-        records += ppm_pairs(saved, cfg, dropped)
+        records += ppm_pairs(saved, cfg.pairs, dropped)
     levels = Counter(r["level"] for r in records)
-    return _write("ppm", out, trees, records, {"step_pairs": levels["step"], "answer_pairs": levels["answer"]},
-                    dropped)
+    return _write("ppm", cfg.out, trees, records, {"step_pairs": levels["step"], "answer_pairs": levels["answer"]},
+                  dropped)
 
 
-def label_value(trees_dir: str | Path, out: str | Path) -> dict[str, Any]:
+def label_value(cfg: TreesLabelConfig) -> dict[str, Any]:
     """ReST-MCTS* value-model records (`value_targets.py`), one per trajectory."""
-    trees = load_trees(trees_dir)
+    trees = _load(cfg)
     records, dropped = [], Counter()
     for saved in trees:
         recs = value_records(saved)
@@ -91,4 +119,4 @@ def label_value(trees_dir: str | Path, out: str | Path) -> dict[str, Any]:
         if not recs:
             dropped["no_answers"] += 1
     correct = sum(r["correct"] for r in records)
-    return _write("value", out, trees, records, {"correct": correct, "wrong": len(records) - correct}, dropped)
+    return _write("value", cfg.out, trees, records, {"correct": correct, "wrong": len(records) - correct}, dropped)

@@ -29,8 +29,9 @@ from typing import Any, Generator, Sequence
 import jax
 from tqdm import tqdm
 
+from rstar_jax.config import InferenceConfig, SandboxSection, at_least
 from rstar_jax.data import Problem
-from rstar_jax.jsonl import InputError, ResumableJsonl, iter_jsonl
+from rstar_jax.jsonl import InputError, ResumableJsonl, check_output_file, iter_jsonl
 from rstar_jax.math.steps import StepKind, parse_step, split_observation
 from rstar_jax.search.mcts import path_texts, request_key
 from rstar_jax.search import scheduler
@@ -60,6 +61,24 @@ class MCConfig:
             raise MCLabelError(f"mc labels: labels must be 'soft' or 'hard', got {self.labels!r}")
         if self.temperature < 0 or self.batch < 1:
             raise MCLabelError(f"mc labels: need temperature >= 0 and batch >= 1, got {self.temperature}, {self.batch}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MCJobConfig(InferenceConfig):
+    """`label mc`: label the solutions of `trees` with completions from `policy`."""
+
+    trees: str  # a search's output folder or its trees/, or a JSONL of {id, question, answer, steps}
+    policy: str  # completion model: HF folder, .gguf or alias
+    out: str  # output JSONL; rerun the same command to resume
+    mc: MCConfig = MCConfig()
+    per_problem: int = 4  # trajectories labelled per tree
+    seed: int = 0
+    max_new_tokens: int = 256  # per step
+    max_steps: int = 16
+    sandbox: SandboxSection = SandboxSection()
+
+    def __post_init__(self):
+        at_least(1, per_problem=self.per_problem, max_new_tokens=self.max_new_tokens, max_steps=self.max_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,27 +218,28 @@ def load_solutions(source: str | Path, per_problem: int = 4) -> list[Solution]:
     return solutions_from_trees(source, per_problem) if Path(source).is_dir() else solutions_from_jsonl(source)
 
 
-def run_mc_labels(policy: str, source: str | Path, out: str | Path, cfg: MCConfig = MCConfig(), *, seed: int = 0,
-                  per_problem: int = 4, few_shot: str = "", max_new_tokens: int = 256, max_steps: int = 16,
-                  sandbox_workers: int | None = None, sandbox_timeout_s: float = 5.0,
-                  allow_insecure_sandbox: bool = False) -> dict[str, Any]:
-    """`rstar-jax label mc`: load the policy, sandbox and grader, label every solution; returns a summary."""
+def run_mc_labels(cfg: MCJobConfig) -> dict[str, Any]:
+    """`rstar-jax label mc`: check the inputs, load the policy, sandbox and grader, label every solution; returns a
+    summary."""
     from rstar_jax.math.grading import Grader
     from rstar_jax.math.steps import StepRunner
-    from rstar_jax.models.hf_io import load_model
+    from rstar_jax.models.hf_io import load_model, model_config
     from rstar_jax.engine import prepare
     from rstar_jax.sandbox import SandboxPool
     from rstar_jax.search.policy import LMProposer
 
-    solutions = load_solutions(source, per_problem)
-    lm = load_model(policy)
-    proposer = LMProposer(prepare(lm.params, lm.cfg), lm.tokenizer, max_new_tokens=max_new_tokens)
-    with SandboxPool(workers=sandbox_workers, timeout_s=sandbox_timeout_s,
-                     allow_insecure=allow_insecure_sandbox) as pool, Grader() as grader:
-        env = StepEnv(proposer, StepRunner(pool.run, max_steps=max_steps), lm.tokenizer, step_len=UNBOUNDED_STEP,
-                      grader=grader, few_shot=few_shot)
-        records = mc_labels(env, solutions, cfg, jax.random.key(seed), out=out)
+    solutions = load_solutions(cfg.trees, cfg.per_problem)
+    check_output_file(cfg.out)
+    model_config(cfg.policy, reward=False, name="--policy").check_positions(
+        cfg.max_new_tokens, f"max_new_tokens={cfg.max_new_tokens} (per step)")
+    # the sandbox forks its workers before JAX starts a backend (loading the policy does)
+    with SandboxPool.from_section(cfg.sandbox) as pool, Grader() as grader:
+        lm = load_model(cfg.policy)
+        proposer = LMProposer(prepare(lm.params, lm.cfg, cfg.dtype), lm.tokenizer, max_new_tokens=cfg.max_new_tokens)
+        env = StepEnv(proposer, StepRunner(pool.run, max_steps=cfg.max_steps), lm.tokenizer, step_len=UNBOUNDED_STEP,
+                      grader=grader)
+        records = mc_labels(env, solutions, cfg.mc, jax.random.key(cfg.seed), out=cfg.out)
     steps = [h for r in records for h in r["hard_labels"]]
     return {"solutions": len(records), "steps": len(steps),
             "positive_steps": sum(steps), "solutions_without_error": sum(r["first_error"] == -1 for r in records),
-            "out": str(out)}
+            "out": str(cfg.out)}

@@ -185,7 +185,9 @@ def _serve(fd: int) -> None:
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _STARTUP_TIMEOUT_S = 120.0  # importing sympy + math-verify on a loaded machine
-_WORKER_CMD = "import sys; from rstar_jax.math.grading import _serve; _serve(int(sys.argv[1]))"
+# Ctrl-C in a terminal reaches the whole process group: the parent ends the run, the workers end with its pipe
+_WORKER_CMD = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+               "from rstar_jax.math.grading import _serve; _serve(int(sys.argv[1]))")
 
 
 @dataclasses.dataclass

@@ -49,6 +49,12 @@ class ModelConfig:
             return (self.eos_token_id,)
         return tuple(self.eos_token_id)
 
+    def check_positions(self, needed: int, what: str) -> None:
+        """One line naming `what` when it would take the model past its context (before any work starts)."""
+        if needed > self.max_position_embeddings:
+            raise ConfigError(f"{what}: needs {needed} positions, the model has {self.max_position_embeddings} "
+                              "(max_position_embeddings)")
+
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 

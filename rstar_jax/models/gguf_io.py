@@ -9,6 +9,7 @@ template).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import gguf
 import numpy as np
 import tokenizers
 from tokenizers import decoders, pre_tokenizers, processors
+from tqdm import tqdm
 
 from rstar_jax.models.config import ConfigError, ModelConfig
 from rstar_jax.models.hf_io import save_causal_lm
@@ -68,7 +70,7 @@ def read_gguf(gguf_path: str | Path) -> tuple[ModelConfig, Params, Tokenizer]:
     if any(name.startswith("rope_freqs") for name in tensors):
         raise ModelLoadError(f"{path}: RoPE frequency scaling (rope_freqs) is not supported")
     state: dict[str, np.ndarray] = {}
-    for name, tensor in tensors.items():
+    for name, tensor in tqdm(tensors.items(), desc=f"convert {path.name}", unit="tensor", file=sys.stderr):
         hf_name = _hf_name(name, path)
         weights = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
         if cfg.model_type == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):

@@ -91,6 +91,24 @@ def load_model(spec: str, *, dtype: Any = jnp.float32, num_labels: int | None = 
     return LoadedModel(cfg, jax.tree.map(jnp.asarray, params), tokenizer, folder, num_labels, head)
 
 
+def model_config(spec: str, *, reward: bool, name: str) -> ModelConfig:
+    """The config of `spec` without reading its weights (a first use of an alias fetches it), checked to be a
+    reward model (`reward`) or a causal LM: how a command checks its models before work starts. Errors name the
+    flag or key `name`."""
+    folder = resolve(spec)
+    hf_config = _read_json_object(folder / "config.json")
+    try:
+        cfg = ModelConfig.from_hf_dict(hf_config, source=str(folder / "config.json"))
+    except ConfigError as e:
+        raise ModelLoadError(f"{name}: {e}") from None
+    is_reward = _saved_num_labels(hf_config) is not None
+    if reward and not is_reward:
+        raise ModelLoadError(f"{name} {spec!r}: not a reward model (expected a *ForTokenClassification folder)")
+    if is_reward and not reward:
+        raise ModelLoadError(f"{name} {spec!r}: a reward model (*ForTokenClassification), not a causal LM")
+    return cfg
+
+
 def read_weights(folder: Path, dtype: Any = jnp.float32) -> dict[str, np.ndarray]:
     """All tensors of an HF folder (single safetensors file or sharded index), cast to `dtype` on the host."""
     index = folder / INDEX_FILE

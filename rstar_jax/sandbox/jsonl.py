@@ -1,13 +1,26 @@
-"""`rstar-jax exec`: run a JSONL file of programs through the sandbox, results in input order."""
+"""`rstar-jax exec`: run a JSONL file of programs through the sandbox, results in input order.
+
+With `--out`, results are appended as chunks finish and a rerun resumes after the last complete one: an existing
+file is only appended to, never emptied, and must hold the results of these programs' first ids.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
 from pathlib import Path
 
+from rstar_jax.config import SandboxSection
+from rstar_jax.jsonl import InputError, ResumableJsonl
 from rstar_jax.sandbox.pool import SandboxPool
 from rstar_jax.sandbox.results import SandboxError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExecConfig:
+    programs: str  # JSONL of {"id": ..., "code": ...}
+    out: str = ""  # output JSONL (resumable); stdout when empty
+    sandbox: SandboxSection = SandboxSection()
 
 _CHUNK = 256  # results are written after each chunk, so a long file shows progress and keeps partial output
 
@@ -32,17 +45,24 @@ def read_programs(path: str | Path) -> list[tuple[object, str]]:
     return programs
 
 
-def exec_file(programs_path: str | Path, out_path: str | Path | None = None, timeout_s: float = 5.0,
-              memory_mb: int = 1024, workers: int | None = None, allow_insecure: bool = False) -> None:
-    programs = read_programs(programs_path)
-    out = open(out_path, "w", encoding="utf-8") if out_path is not None else sys.stdout
+def exec_file(cfg: ExecConfig) -> None:
+    programs = read_programs(cfg.programs)
+    out = ResumableJsonl(cfg.out, "--out") if cfg.out else None
+    done = len(out.records) if out else 0
     try:
-        with SandboxPool(workers=workers, timeout_s=timeout_s, memory_mb=memory_mb, allow_insecure=allow_insecure) as pool:
-            for start in range(0, len(programs), _CHUNK):
+        if out and [r.get("id") for r in out.records] != [pid for pid, _ in programs[:done]]:
+            raise InputError(f"--out {cfg.out}: holds results of other programs; choose another --out")
+        if done == len(programs):
+            return
+        with SandboxPool.from_section(cfg.sandbox) as pool:
+            for start in range(done, len(programs), _CHUNK):
                 chunk = programs[start:start + _CHUNK]
                 for (pid, _), result in zip(chunk, pool.run([code for _, code in chunk])):
-                    out.write(json.dumps({"id": pid, **result.to_json()}) + "\n")
-                out.flush()
+                    record = {"id": pid, **result.to_json()}
+                    if out:
+                        out.append(record)
+                    else:
+                        print(json.dumps(record), flush=True)
     finally:
-        if out is not sys.stdout:
+        if out:
             out.close()

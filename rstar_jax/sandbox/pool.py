@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 
+from rstar_jax.config import SandboxSection
 from rstar_jax.sandbox import isolation
 from rstar_jax.sandbox.results import ExecResult, SandboxError
 
@@ -156,6 +157,12 @@ class SandboxPool:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def from_section(cls, s: SandboxSection) -> SandboxPool:
+        """The pool a command's `sandbox` config section describes."""
+        return cls(workers=s.workers or None, timeout_s=s.timeout_s, memory_mb=s.memory_mb,
+                   allow_insecure=s.allow_insecure)
 
     @property
     def isolation_mode(self) -> str:

@@ -1,21 +1,28 @@
 """The `search` job: problems in; per problem a saved tree, a results line; a summary; resumable.
 
-    DIR/config.json     the run's settings (a rerun with other settings into the same DIR is refused)
+    DIR/config.json     the run's settings, written once every input is checked (a rerun with other settings
+                        into the same DIR is refused, naming the differing key)
     DIR/trees/          one saved tree per problem (`tree_io`), written before its results line
-    DIR/results.jsonl   one line per finished problem: id, answer, gold, correct, solved, tokens, sandbox
-                        calls, wall seconds and the per-phase seconds (its share of its batch)
-    DIR/summary.json    accuracy, tokens per problem, problems per hour, tokens/s, time split; rewritten
-                        after every batch from all of results.jsonl
-    DIR/batch_state.npz the MCTS / ReST-MCTS* batch in flight, removed when its results are written
+    DIR/results.jsonl   one line per finished problem: id, answer, gold, correct, solved, tokens, sandbox calls,
+                        its wall seconds from start to end (problems overlap), its host seconds by phase
+    DIR/inflight/       the MCTS / ReST-MCTS* state of every problem in flight (`batch_state.BatchCheckpoint`),
+                        saved after each expansion (MCTS) or iteration (ReST-MCTS*), removed with its result
+    DIR/timing.json     the job's own wall time over all its runs, and how much of it the engine waited on the host
+    DIR/summary.json    accuracy, tokens and sandbox calls per problem, problems per hour, tokens/s, engine busy
+                        and host-wait shares; rewritten as problems finish
 
-Problems are searched `batch` at a time. A rerun with the same DIR skips every id already in results.jsonl. MCTS
-(after every policy call) and ReST-MCTS* (after every iteration) also save the batch in flight
-(`DIR/batch_state.npz`, `batch_state.BatchCheckpoint`), and a rerun continues it from there with the same trees as
-an unbroken run; a killed baseline loses its batch in flight (at most `max_depth` policy calls). Problem b's
-sampling key is fold_in(seed, crc32(id)), so a problem's key does not depend on its batch. The sandbox pool is
-started before JAX initialises a backend. The few-shot prompt uses reference solutions of synthetic problems drawn
-with a different seed than any evaluated synthetic set (`FEW_SHOT_SEED`, or the next seed if the evaluated set uses
-it)."""
+`search.in_flight` problems are searched at a time (default: enough to fill the engine's slots twice); each
+problem submits its next expansion as soon as its last one returns (`scheduler.run`). A rerun with the same DIR
+skips every problem with a results line and continues every problem in flight from its state file, with the same
+trees as an unbroken run; a killed baseline redoes its problems in flight. Problem b's sampling key is
+fold_in(seed, crc32(id)), so a problem's tree does not depend on which problems run beside it.
+
+Under `jax.distributed` (the launch scripts' variables) every process runs its own engine over its own devices on
+its share of the problems (`runtime.Runtime.share`), writes `results.p{i}.jsonl` and `timing.p{i}.json`, and
+process 0 merges them into `results.jsonl` and `summary.json` once all are done. The sandbox pool is started
+before JAX initialises a backend. The few-shot prompt uses reference solutions of synthetic problems drawn with a
+different seed than any evaluated synthetic set (`FEW_SHOT_SEED`, or the next seed if the evaluated set uses it).
+"""
 
 from __future__ import annotations
 
@@ -26,12 +33,15 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from rstar_jax.jsonl import InputError, ResumableJsonl, write_json
+from rstar_jax.config import InferenceConfig, SandboxSection, at_least, section
+from rstar_jax.jsonl import InputError, ResumableJsonl, keep_settings, write_json, write_jsonl
+from rstar_jax.search.baselines import BaselineConfig
+from rstar_jax.search.mcts import MCTSConfig
+from rstar_jax.search.mcts_star import StarSearchConfig
 from rstar_jax.search.policy import PHASES
 
-METHODS = ("mcts", "mcts-star", "greedy", "maj", "bon", "beam")
 FEW_SHOT_SEED = 9173
 
 
@@ -39,34 +49,64 @@ class SearchJobError(InputError):
     """A bad `search` argument (one line naming it)."""
 
 
-def method_config(method: str, mode: str, rollouts: int | None, candidates: int | None, samples: int | None,
-                  temperature: float | None, aggregation: str):
-    """The driver config of `method`, with each unset budget at its method's default."""
-    from rstar_jax.search.baselines import BaselineConfig
-    from rstar_jax.search.mcts import MCTSConfig
-    from rstar_jax.search.mcts_star import StarSearchConfig
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchSettings(InferenceConfig):
+    """How problems are searched, whatever the policy and method: shared by `search` and `eval`."""
 
-    def given(**kw: Any) -> dict[str, Any]:
-        return {k: v for k, v in kw.items() if v is not None}
+    limit: int = 0  # the first this many problems (0: all)
+    in_flight: int = 0  # problems searched at a time; 0: enough to fill the engine's slots twice
+    seed: int = 0
+    max_depth: int = 16  # steps per trajectory
+    max_new_tokens: int = 256  # per step
+    few_shot: int = 2  # synthetic reference solutions in the prompt
+    prompt_file: str = ""  # a file whose text is the few-shot prompt instead
+    sandbox: SandboxSection = SandboxSection()
+    mcts: MCTSConfig = section(MCTSConfig(), fixed=("mode",))
+    baseline: BaselineConfig = section(BaselineConfig(), fixed=("method",))
 
-    if method == "mcts":
-        return MCTSConfig(mode=mode, **given(rollouts=rollouts, candidates=candidates, temperature=temperature))
-    if method == "mcts-star":
-        return StarSearchConfig(mode=mode, **given(iterations=rollouts, branch=candidates, temperature=temperature))
-    if method in ("greedy", "maj", "bon", "beam"):
-        return BaselineConfig(method=method, aggregation=aggregation,
-                              **given(samples=samples, candidates=candidates, temperature=temperature))
-    raise SearchJobError(f"--method {method!r}: must be one of {', '.join(METHODS)}")
+    def __post_init__(self):
+        at_least(0, limit=self.limit, few_shot=self.few_shot)
+        at_least(0, in_flight=self.in_flight)
+        at_least(1, max_depth=self.max_depth, max_new_tokens=self.max_new_tokens)
 
 
-def few_shot_text(problems_spec: str, n: int | str) -> str:
-    """`n` synthetic reference solutions as demonstrations; a string `n` is a configured few-shot text itself."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchConfig(SearchSettings):
+    model: str  # the policy: HF folder, .gguf, alias, or an exported checkpoint folder
+    problems: str  # a problem jsonl or a synthetic spec "synth:levels=1-2,n=32,seed=0"
+    method: Literal["mcts", "mcts-star", "greedy", "maj", "bon", "beam"]
+    out: str  # output folder; rerun the same command to resume
+    mode: Literal["terminal", "ppm", "inference"] = "terminal"  # mcts / mcts-star: what the gold answer is used for
+    reward_model: str | None = None  # PPM / value / PRM folder
+    mcts_star: StarSearchConfig = section(StarSearchConfig(), fixed=("mode",))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tree_search and self.mode == "ppm" and self.reward_model is None:
+            raise SearchJobError("mode ppm (--mode ppm): needs a reward model (--reward-model)")
+        if getattr(self.driver_config, "needs_reward_model", False) and self.reward_model is None:
+            raise SearchJobError(f"method {self.method} (--method): needs a reward model (--reward-model)")
+
+    @property
+    def tree_search(self) -> bool:
+        return self.method in ("mcts", "mcts-star")
+
+    @property
+    def driver_config(self) -> MCTSConfig | StarSearchConfig | BaselineConfig:
+        """The method's own config, as its driver takes it."""
+        if self.method == "mcts":
+            return dataclasses.replace(self.mcts, mode=self.mode)
+        if self.method == "mcts-star":
+            return dataclasses.replace(self.mcts_star, mode=self.mode)
+        return dataclasses.replace(self.baseline, method=self.method)
+
+
+def few_shot_text(problems_spec: str, n: int) -> str:
+    """`n` synthetic reference solutions as demonstrations."""
     from rstar_jax.data import generate as synth
     from rstar_jax.data import parse_synth_spec
     from rstar_jax.math.steps import few_shot_prefix
 
-    if isinstance(n, str):
-        return n
     if n <= 0:
         return ""
     seed = FEW_SHOT_SEED
@@ -75,12 +115,18 @@ def few_shot_text(problems_spec: str, n: int | str) -> str:
     return few_shot_prefix([(p.question, p.solution) for p in synth([1, 2], n, seed)])
 
 
-def summarize(records: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], settings: dict[str, Any], timing: list[dict[str, float]]) -> dict[str, Any]:
+    """The job's summary from its result lines and each process's timing (wall time over all runs)."""
     n = len(records)
-    wall = sum(r["wall_s"] for r in records)
+    wall = max((t["wall_s"] for t in timing), default=0.0)  # processes run side by side
     tokens = sum(r["tokens"] for r in records)
-    phases = {p: round(sum(r["seconds"].get(p, 0.0) for r in records), 3) for p in PHASES}
+    calls = sum(r["sandbox_calls"] for r in records)
+    host = {p: round(sum(r["seconds"].get(p, 0.0) for r in records), 3) for p in PHASES if p != "sampling"}
     solved = [r["solved"] for r in records if r["solved"] is not None]
+    wait = sum(t["host_wait_s"] for t in timing)
+    per_process = [{"process": i, "wall_s": round(t["wall_s"], 3), "tokens_per_s": round(t["tokens"] / t["wall_s"], 2)
+                    if t["wall_s"] else None, "host_wait_share": round(t["host_wait_s"] / t["wall_s"], 4)
+                    if t["wall_s"] else None} for i, t in enumerate(timing)]
     return {
         "method": settings["method"], "mode": settings.get("mode"), "model": settings["model"],
         "problems": n,
@@ -88,12 +134,28 @@ def summarize(records: list[dict[str, Any]], settings: dict[str, Any]) -> dict[s
         "solved_rate": sum(solved) / len(solved) if solved else None,  # some candidate answer correct (pass@k)
         "gold_used_in_search": settings["gold_used_in_search"],
         "tokens_per_problem": tokens / n if n else None,
-        "sandbox_calls_per_problem": sum(r["sandbox_calls"] for r in records) / n if n else None,
+        "sandbox_calls_per_problem": calls / n if n else None,
         "problems_per_hour": 3600 * n / wall if wall else None,
         "tokens_per_s": tokens / wall if wall else None,
+        "sandbox_calls_per_s": calls / wall if wall else None,
+        # the engine had requests to decode, or waited because every problem in flight waited on its host work
+        "engine_busy_share": 1 - wait / sum(t["wall_s"] for t in timing) if wall else None,
+        "host_wait_share": wait / sum(t["wall_s"] for t in timing) if wall else None,
         "wall_s": round(wall, 3),
-        "time_split_s": phases | {"other": round(max(wall - sum(phases.values()), 0.0), 3)},
+        "host_seconds": host,  # summed over problems; runs beside the engine's decoding
+        "processes": per_process,
     }
+
+
+def samples_per_expansion(driver_config) -> int:
+    """Samples one expansion of a problem asks for (what `in_flight` is sized by)."""
+    if isinstance(driver_config, MCTSConfig):
+        return driver_config.candidates
+    if isinstance(driver_config, StarSearchConfig):
+        return driver_config.branch
+    if driver_config.method == "greedy":
+        return 1
+    return driver_config.samples * (driver_config.candidates if driver_config.method == "beam" else 1)
 
 
 def _graded(grader, problem, result):
@@ -104,124 +166,150 @@ def _graded(grader, problem, result):
     return dataclasses.replace(result, solved=any(grader.equivalent_many([(problem.answer, a) for a in answers])))
 
 
-def run_search(model: str, problems: str, method: str, out: str, *, reward_model: str | None = None,
-               rollouts: int | None = None, candidates: int | None = None, samples: int | None = None,
-               max_depth: int = 16, mode: str = "terminal", limit: int | None = None, batch: int = 8, seed: int = 0,
-               temperature: float | None = None, max_new_tokens: int = 256, few_shot: int | str = 2,
-               aggregation: str = "min", sandbox_workers: int | None = None, sandbox_timeout: float = 5.0,
-               allow_insecure_sandbox: bool = False, dtype: str = "float32", progress: bool = True,
-               pool=None) -> dict[str, Any]:
-    """Run `method` over `problems` (a jsonl path or a "synth:..." spec) into `out`; returns the summary.
-    `pool`: a running SandboxPool to use (a driver running many searches starts one, before JAX)."""
+def check_models(cfg: SearchSettings, model: str, reward_model: str | None) -> None:
+    """The policy is a causal LM, the reward model a reward model, and a step fits the policy's context: checked
+    from their config files before any work (and before the sandbox forks: nothing here starts JAX)."""
+    from rstar_jax.models.hf_io import model_config
+
+    policy = model_config(model, reward=False, name="--model")
+    policy.check_positions(cfg.max_new_tokens, f"max_new_tokens={cfg.max_new_tokens} (per step)")
+    if reward_model is not None:
+        model_config(reward_model, reward=True, name="--reward-model")
+
+
+def prompt_text(cfg: SearchConfig) -> str:
+    """The few-shot text the policy is prompted with."""
+    if not cfg.prompt_file:
+        return few_shot_text(cfg.problems, cfg.few_shot)
+    try:
+        return Path(cfg.prompt_file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SearchJobError(f"prompt_file {cfg.prompt_file!r}: cannot read ({e.strerror})") from None
+
+
+def run_search(cfg: SearchConfig, *, progress: bool = True, pool=None) -> dict[str, Any]:
+    """Run `cfg.method` over `cfg.problems` into `cfg.out`; returns the summary. Every input is checked before the
+    folder's config.json is written. `pool`: a running SandboxPool to use (a driver running many searches starts
+    one, before JAX)."""
+    from rstar_jax.data import load_problems
     from rstar_jax.sandbox import SandboxPool
 
-    for name, v in (("--batch", batch), ("--max-depth", max_depth), ("--max-new-tokens", max_new_tokens)):
-        if v < 1:
-            raise SearchJobError(f"{name}={v}: must be >= 1")
-    if limit is not None and limit < 1:
-        raise SearchJobError(f"--limit={limit}: must be >= 1")
-    if mode not in ("terminal", "ppm", "inference"):
-        raise SearchJobError(f"--mode {mode!r}: must be one of terminal, ppm, inference")
-    method_cfg = method_config(method, mode, rollouts, candidates, samples, temperature, aggregation)
-    if mode == "ppm" and method in ("mcts", "mcts-star") and reward_model is None:
-        raise SearchJobError("--mode ppm: needs --reward-model")
-    if getattr(method_cfg, "needs_reward_model", False) and reward_model is None:
-        raise SearchJobError(f"--method {method}: needs --reward-model")
-    settings = {"model": model, "reward_model": reward_model, "problems": problems, "method": method,
-                "mode": mode if method in ("mcts", "mcts-star") else "inference", "max_depth": max_depth,
-                "seed": seed, "max_new_tokens": max_new_tokens, "few_shot": few_shot,
-                "config": dataclasses.asdict(method_cfg),
-                "gold_used_in_search": method in ("mcts", "mcts-star") and mode != "inference"}
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_path = out_dir / "config.json"
-    if config_path.is_file():
-        old = json.loads(config_path.read_text())
-        if old != settings:
-            diff = next(k for k in settings if old.get(k) != settings[k])
-            raise SearchJobError(f"{out}: holds a run with another {diff} ({old.get(diff)!r}); choose another --out")
-    else:
-        write_json(config_path, settings)
+    problems = load_problems(cfg.problems, limit=cfg.limit or None)
+    few_shot = prompt_text(cfg)
+    check_models(cfg, cfg.model, cfg.reward_model)
+    settings = {"model": cfg.model, "reward_model": cfg.reward_model, "problems": cfg.problems, "method": cfg.method,
+                "mode": cfg.mode if cfg.tree_search else "inference", "max_depth": cfg.max_depth, "seed": cfg.seed,
+                "max_new_tokens": cfg.max_new_tokens, "few_shot": few_shot if cfg.prompt_file else cfg.few_shot,
+                "dtype": cfg.dtype, "config": dataclasses.asdict(cfg.driver_config),
+                "gold_used_in_search": cfg.tree_search and cfg.mode != "inference"}
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise SearchJobError(f"--out {cfg.out}: exists and is not a folder")
+    keep_settings(Path(cfg.out) / "config.json", settings, cfg.out, "a search")
 
-    run = functools.partial(_run, settings=settings, method_cfg=method_cfg, problems_spec=problems, out_dir=out_dir,
-                            limit=limit, batch=batch, seed=seed, max_depth=max_depth, max_new_tokens=max_new_tokens,
-                            few_shot=few_shot, dtype=dtype, progress=progress)
+    run = functools.partial(_run, cfg, problems, few_shot, settings, progress)
     if pool is not None:
         return run(pool)
-    # the sandbox forks its workers before JAX starts a backend (loading problems and models does not)
-    with SandboxPool(workers=sandbox_workers, timeout_s=sandbox_timeout, allow_insecure=allow_insecure_sandbox) as own:
+    # the sandbox forks its workers before JAX starts a backend (loading problems and model configs does not)
+    with SandboxPool.from_section(cfg.sandbox) as own:
         return run(own)
 
 
-def _run(pool, settings, method_cfg, problems_spec, out_dir, limit, batch, seed, max_depth, max_new_tokens,
-         few_shot, dtype, progress) -> dict[str, Any]:
+def _run(cfg: SearchConfig, problems, few_shot: str, settings: dict[str, Any], progress: bool, pool) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
     from tqdm import tqdm
 
-    from rstar_jax.data import load_problems
+    from rstar_jax import runtime
+    from rstar_jax.engine import prepare
     from rstar_jax.math.grading import Grader
     from rstar_jax.math.steps import StepRunner
     from rstar_jax.models.hf_io import load_model
-    from rstar_jax.engine import prepare
-    from rstar_jax.search import baselines, mcts, mcts_star, tree_io
+    from rstar_jax.search import baselines, mcts, mcts_star, scheduler, tree_io
     from rstar_jax.search.batch_state import BatchCheckpoint
     from rstar_jax.search.policy import LMProposer, RewardScorer, Stats, StepEnv
 
-    problems = load_problems(problems_spec, limit=limit)
-    results = ResumableJsonl(out_dir / "results.jsonl")
-    done = {r["id"] for r in results.records}
-    todo = [p for p in problems if p.id not in done]
-    compute_dtype = jnp.dtype(dtype)
-    lm = load_model(settings["model"], dtype="float32")
-    proposer = LMProposer(prepare(lm.params, lm.cfg, compute_dtype), lm.tokenizer, max_new_tokens)
+    rt = runtime.start(cfg.mesh)
+    out_dir = Path(cfg.out)
+    method_cfg = cfg.driver_config
+    done = {r["id"] for path in out_dir.glob("results*.jsonl") for r in ResumableJsonl.read(path)}
+    todo = [p for p in rt.share(problems) if p.id not in done]
+    results = ResumableJsonl(out_dir / f"results{rt.suffix}.jsonl")
+    timing_path = out_dir / f"timing{rt.suffix}.json"
+    before = json.loads(timing_path.read_text()) if timing_path.is_file() else {"wall_s": 0.0, "host_wait_s": 0.0,
+                                                                                 "tokens": 0}
+    lm = load_model(cfg.model, dtype="float32", mesh=rt.mesh, min_shard_elements=cfg.mesh.min_shard_elements)
+    model = prepare(lm.params, lm.cfg, cfg.dtype, mesh=rt.mesh)
+    proposer = LMProposer(model, lm.tokenizer, cfg.max_new_tokens, engine=cfg.engine)
     scorer = None
-    if settings["reward_model"] is not None:
-        rm = load_model(settings["reward_model"], dtype="float32")
-        if rm.num_labels is None:
-            raise SearchJobError(f"--reward-model {settings['reward_model']!r}: not a reward model "
-                                 "(expected a *ForTokenClassification folder)")
-        scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.head, compute_dtype=compute_dtype)
-    # tree searches: driver, and the config field counting their outer iterations (saved and shown one by one)
-    tree_search = {"mcts": (mcts.search, "rollouts"), "mcts-star": (mcts_star.search, "iterations")}
-    driver, outer = tree_search.get(settings["method"], (baselines.search, None))
-    root_key = jax.random.key(seed)
-    with Grader() as grader, tqdm(total=len(problems), initial=len(problems) - len(todo), unit="problem",
-                                  desc=f"search {settings['method']}", file=sys.stderr, disable=not progress) as bar:
-        def show_batch_progress():  # a batch can take an hour: show where it is as policy calls come back
-            where = f"rollout {env.stats.rollout}/{getattr(method_cfg, outer)}, " if outer else ""
-            bar.set_postfix_str(f"batch: {where}{env.stats.policy_calls} calls, "
-                                f"{sum(env.stats.tokens.values())} tokens", refresh=True)
+    if cfg.reward_model is not None:
+        rm = load_model(cfg.reward_model, dtype="float32", mesh=rt.mesh, min_shard_elements=cfg.mesh.min_shard_elements)
+        scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.head, compute_dtype=cfg.dtype)
+    problem_search = {"mcts": mcts.problem_search, "mcts-star": mcts_star.problem_search}.get(
+        cfg.method, baselines.problem_search)
+    in_flight = cfg.in_flight or max(1, 2 * cfg.engine.slots // samples_per_expansion(method_cfg))
+    root_key = jax.random.key(cfg.seed)
+    started: dict[str, float] = {}
+    state = {p.id: BatchCheckpoint(out_dir / "inflight" / f"{tree_io.tree_stem(p.id)}.npz",
+                                   {"id": p.id, "settings": settings}) for p in todo}
+    t0 = time.perf_counter()
+    timing = scheduler.Timing()
 
-        env = StepEnv(proposer, StepRunner(pool.run, max_depth), lm.tokenizer, grader,
-                      step_len=max_new_tokens + 64, scorer=scorer, few_shot=few_shot_text(problems_spec, few_shot),
-                      on_expand=show_batch_progress)
-        for start in range(0, len(todo), batch):
-            chunk = todo[start : start + batch]
-            env.stats = Stats()
-            states = {p.id: BatchCheckpoint(out_dir / "inflight" / f"{tree_io.tree_stem(p.id)}.npz",
-                                            {"id": p.id, "settings": settings}) for p in chunk}
-            keys = [jax.random.fold_in(root_key, zlib.crc32(p.id.encode())) for p in chunk]
-            resumable = {"checkpoint_of": lambda p: states[p.id]} if outer else {}
-            t0 = time.perf_counter()
-            found = driver(env, chunk, keys, method_cfg, meta={"model": settings["model"]}, **resumable)
-            share = (time.perf_counter() - t0) / len(chunk)
-            correct = grader.equivalent_many([(p.answer, r.answer) for p, r in zip(chunk, found)])
-            found = [_graded(grader, p, r) for p, r in zip(chunk, found)]
-            for p, r, ok in zip(chunk, found, correct):
-                path = tree_io.save(r.tree, out_dir / "trees")
-                results.append({
-                    "id": p.id, "answer": r.answer, "best_answer": r.best_answer, "gold": p.answer,
-                    "correct": ok, "solved": r.solved, "tokens": env.stats.tokens[p.id],
-                    "sandbox_calls": env.stats.programs[p.id], "wall_s": round(share, 3),
-                    "seconds": {k: round(env.stats.seconds[k] / len(chunk), 4) for k in PHASES},
-                    "tree": str(path.relative_to(out_dir)),
-                })
-            for state in states.values():
-                state.clear()
-            write_json(out_dir / "summary.json", summarize(results.records, settings))
-            bar.update(len(chunk))
+    def write_timing() -> dict[str, float]:
+        now = {"wall_s": before["wall_s"] + time.perf_counter() - t0,
+               "host_wait_s": before["host_wait_s"] + timing.host_wait_s,
+               "tokens": before["tokens"] + sum(r["tokens"] for r in results.records)}
+        write_json(timing_path, now)
+        return now
+
+    with Grader() as grader, tqdm(total=len(problems), initial=len(done), unit="problem",
+                                  desc=f"search {cfg.method}", file=sys.stderr, disable=not progress) as bar:
+        def show_progress():  # problems take many minutes: show the work in flight as expansions come back
+            tokens = proposer.engine.stats["tokens"]
+            rate = tokens / (time.perf_counter() - t0)
+            bar.set_postfix_str(f"{len(started)} in flight, {timing.expansions} expansions, {tokens} tokens, "
+                                f"{rate:.0f} tok/s", refresh=True)
+
+        env = StepEnv(proposer, StepRunner(pool.run, cfg.max_depth), lm.tokenizer, grader,
+                      step_len=cfg.max_new_tokens + 64, scorer=scorer, few_shot=few_shot, on_expand=show_progress)
+
+        def searches():
+            for p in todo:
+                stats = Stats()
+                resumable = {"checkpoint": state[p.id]} if cfg.tree_search else {}
+                started[p.id] = time.perf_counter()
+                key = jax.random.fold_in(root_key, zlib.crc32(p.id.encode()))
+                yield p, problem_search(env, p, key, method_cfg, stats, meta={"model": cfg.model}, **resumable), stats
+
+        def finished(p, r, stats: Stats) -> None:
+            ok = grader.equivalent(p.answer, r.answer)
+            r = _graded(grader, p, r)
+            path = tree_io.save(r.tree, out_dir / "trees")
+            results.append({
+                "id": p.id, "answer": r.answer, "best_answer": r.best_answer, "gold": p.answer,
+                "correct": ok, "solved": r.solved, "tokens": stats.tokens[p.id],
+                "sandbox_calls": stats.programs[p.id], "wall_s": round(time.perf_counter() - started.pop(p.id), 3),
+                "seconds": {k: round(stats.seconds[k], 4) for k in PHASES},
+                "tree": str(path.relative_to(out_dir)),
+            })
+            state[p.id].clear()
+            write_timing()
+            bar.update(1)
+
+        timing = scheduler.run(env, searches(), in_flight, finished, timing)
     results.close()
-    summary = summarize(results.records, settings)
-    write_json(out_dir / "summary.json", summary)
-    return summary
+    write_timing()
+    rt.barrier("search: every process finished")
+    if rt.process_index == 0:
+        merged = _merge(out_dir, problems)
+        processes = [json.loads(f.read_text()) for f in sorted(out_dir.glob("timing*.json"))]
+        write_json(out_dir / "summary.json", summarize(merged, settings, processes))
+    rt.barrier("search: merged")
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def _merge(out_dir: Path, problems) -> list[dict[str, Any]]:
+    """Every process's result lines, in problem order, as the job's results.jsonl."""
+    by_id = {r["id"]: r for path in out_dir.glob("results*.jsonl") for r in ResumableJsonl.read(path)}
+    merged = [by_id[p.id] for p in problems if p.id in by_id]
+    if any(out_dir.glob("results.p*.jsonl")):
+        write_jsonl(out_dir / "results.jsonl", merged)
+    return merged

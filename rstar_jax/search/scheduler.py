@@ -87,10 +87,10 @@ def search_all(env: StepEnv, searches: Sequence[Callable[..., ProblemSearch]], i
 
 
 def run(env: StepEnv, problems: Iterable[tuple[object, ProblemSearch, Stats]], in_flight: int,
-        on_result: Callable[[object, object, Stats], None]) -> Timing:
+        on_result: Callable[[object, object, Stats], None], timing: Timing | None = None) -> Timing:
     """Run every (name, search, stats) to its end, at most `in_flight` at a time; `on_result(name, result, stats)`
-    as each finishes (on this thread)."""
-    timing = Timing()
+    as each finishes (on this thread). `timing` is filled as the run goes (a caller may read it meanwhile)."""
+    timing = timing if timing is not None else Timing()
     start = time.perf_counter()
     todo = iter(problems)
     active: dict[int, _Problem] = {}  # ticket -> problem waiting for the engine

@@ -36,22 +36,26 @@ from rstar_jax.train.state import (
 )
 
 
+FEW_STEPS = 10  # a run with fewer optimizer steps barely moves the weights: say so
+
+
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     return max(1, cfg.train.min_steps, math.ceil(cfg.train.epochs * steps_per_epoch))
 
 
-def check_config(cfg: Config) -> None:
-    d = cfg.data
-    if d.batch_size < 1 or d.grad_accum < 1 or d.batch_size % d.grad_accum:
-        raise RunConfigError(f"data.batch_size={d.batch_size} must be a positive multiple of data.grad_accum={d.grad_accum}")
-    if cfg.train.min_steps < 0:
-        raise RunConfigError(f"train.min_steps={cfg.train.min_steps} must be >= 0")
-    if d.seq_len < 2 or d.num_buckets < 1:
-        raise RunConfigError(f"data.seq_len={d.seq_len} must be >= 2 and data.num_buckets={d.num_buckets} >= 1")
-    if not 0.0 <= d.eval_fraction < 1.0:
-        raise RunConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+def plan_line(kind: str, cfg: Config, examples: int, train: Batches, steps: int) -> str:
+    """The run's first line: examples, rows, steps and epochs, and which setting decided the number of steps."""
+    t = cfg.train
+    by = (f"train.max_steps={t.max_steps}" if t.max_steps > 0
+          else f"train.min_steps={t.min_steps}" if t.min_steps > math.ceil(t.epochs * train.steps_per_epoch)
+          else f"train.epochs={t.epochs:g}")
+    epochs = steps / train.steps_per_epoch
+    return (f"{kind}: {examples} examples in {len(train.rows)} rows of up to {cfg.data.seq_len} tokens "
+            f"({train.dropped} longer ones dropped), {train.steps_per_epoch} steps per epoch of data.batch_size="
+            f"{cfg.data.batch_size} rows: {steps} step{'s' * (steps != 1)} = {epochs:.3g} epoch{'s' * (epochs != 1)} "
+            f"({by})")
 
 
 class MetricsLog:
@@ -86,7 +90,6 @@ def run_training(kind: str, model: str, data: str, out: str, overrides: list[str
     if kind not in KINDS:
         raise RunConfigError(f"training kind {kind!r}: expected one of {', '.join(KINDS)}")
     cfg = load_config(list(overrides))
-    check_config(cfg)
     sharding.init_distributed()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +101,10 @@ def run_training(kind: str, model: str, data: str, out: str, overrides: list[str
     if not train.rows:
         raise RunConfigError(f"{data}: no training example fits data.seq_len={cfg.data.seq_len}")
     steps = total_steps(cfg, train.steps_per_epoch)
+    say(plan_line(kind, cfg, len(train_recs), train, steps))
+    if steps < FEW_STEPS:
+        say(f"warning: only {steps} optimizer step{'s' * (steps != 1)}: the weights will barely move (raise train.min_steps or "
+            "train.epochs, or lower data.batch_size)")
 
     mesh = sharding.make_mesh(cfg.mesh)
     optimizer = make_optimizer(cfg.optim, steps)
@@ -133,8 +140,7 @@ def run_training(kind: str, model: str, data: str, out: str, overrides: list[str
         # tokens of all steps so far, recounted from the deterministic data order when resuming
         total_tokens = sum(int(np.count_nonzero(train.at_step(s)["segment_ids"])) for s in range(start))
         tokens, t0 = 0, time.perf_counter()
-        say(f"{kind}: {len(train.rows)} rows ({train.dropped} examples over seq_len dropped), "
-            f"{train.steps_per_epoch} steps/epoch, {steps} steps from {start}, mesh {dict(mesh.shape)}")
+        say(f"{kind}: {'resuming at' if start else 'starting'} step {start} of {steps}, mesh {dict(mesh.shape)}")
         if held is not None and start == 0:  # the baseline, so a run shows how far held-out loss moved
             ev = evaluate(eval_fn, state.params, held, mesh, cfg.data.max_eval_batches)
             log.write({"step": 0, "split": "eval", **ev})
