@@ -75,13 +75,15 @@ def run_generate(cfg: GenerateConfig) -> None:
     import jax
     from tqdm import tqdm
 
-    from rstar_jax.models.hf_io import load_model  # deferred: model I/O pulls in transformers
-    from rstar_jax.engine import generate, prepare
+    from rstar_jax import runtime
+    from rstar_jax.engine import generate
+    from rstar_jax.engine.model import load_policy
 
     prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts)
     if cfg.out:
         check_output_file(cfg.out)
-    lm = load_model(cfg.model, dtype="float32")  # before any output, so a bad model leaves no file behind
+    rt = runtime.start(cfg.mesh)
+    lm, model = load_policy(cfg.model, cfg, rt.mesh)  # before any output, so a bad model leaves no file behind
     chat = use_chat(lm.tokenizer, cfg.chat)
     ids = encode_prompts(lm.tokenizer, prompts, chat)
     lm.cfg.check_positions(max(map(len, ids)) + cfg.sampling.max_new_tokens,
@@ -93,12 +95,12 @@ def run_generate(cfg: GenerateConfig) -> None:
     done = len(writer.records) if writer else 0
     if writer and [r.get("prompt") for r in writer.records] != prompts[:done]:
         raise InputError(f"--out {cfg.out}: existing output does not match these prompts; choose another --out")
-    model = prepare(lm.params, lm.cfg, cfg.dtype)
     key = jax.random.key(cfg.seed)
     starts = range(done - done % cfg.batch_size, len(prompts), cfg.batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 2, file=sys.stderr):
         batch = ids[start : start + cfg.batch_size]
-        results = generate(model, lm.tokenizer, batch, cfg.sampling, jax.random.fold_in(key, start // cfg.batch_size))
+        results = generate(model, lm.tokenizer, batch, cfg.sampling, jax.random.fold_in(key, start // cfg.batch_size),
+                           base=cfg.engine)
         for i, comps in enumerate(results, start):
             if i < done:
                 continue

@@ -81,9 +81,9 @@ def _write_config(tmp_path: Path, model: Path) -> Path:
         "model": str(model), "rounds": 2, "seed": 0,
         "problems": {"train": "synth:levels=1,n=6,seed=0", "heldout": "synth:levels=1,n=3,seed=5"},
         "search": {"modes": ["terminal", "ppm"], "rollouts": 2, "bootstrap_rollouts": 2, "candidates": 2,
-                   "max_depth": 5, "max_new_tokens": 8, "batch": 2, "few_shot": 0},
+                   "max_depth": 5, "max_new_tokens": 8, "in_flight": 2, "few_shot": 0},
         "labels": {"ppm_heldout_fraction": 0.3},
-        "eval": {"rollouts": 1, "candidates": 2, "max_depth": 5, "batch": 3},
+        "eval": {"rollouts": 1, "candidates": 2, "max_depth": 5, "in_flight": 3},
         "policy_train": train, "ppm_train": train,
     }
     path = tmp_path / "evolve.yaml"
@@ -183,14 +183,14 @@ def test_round_schedule_is_rstar_maths_by_default_and_a_config_list(tmp_path):
     from rstar_jax.evolve.config import EvolveConfig, load_evolve_config
 
     search = EvolveConfig().search
-    assert [search.mode(k) for k in range(1, 6)] == ["terminal", "terminal", "ppm", "ppm", "ppm"]
+    assert [search.round_mode(k) for k in range(1, 6)] == ["terminal", "terminal", "ppm", "ppm", "ppm"]
     main_job, _ = load_evolve_config(REPO / "configs" / "evolve" / "smollm2-135m_cpu.yaml")
-    assert [main_job.search.mode(k) for k in range(1, main_job.rounds + 1)] == ["terminal", "terminal"]
+    assert [main_job.search.round_mode(k) for k in range(1, main_job.rounds + 1)] == ["terminal", "terminal"]
     long_run, _ = load_evolve_config(REPO / "configs" / "evolve" / "smollm2-135m_cpu_4rounds.yaml")
-    assert [long_run.search.mode(k) for k in range(1, long_run.rounds + 1)] == ["terminal", "terminal", "ppm", "ppm"]
+    assert [long_run.search.round_mode(k) for k in range(1, long_run.rounds + 1)] == ["terminal", "terminal", "ppm", "ppm"]
     main_config = REPO / "configs" / "evolve" / "smollm2-135m_cpu.yaml"
     custom, _ = load_evolve_config(main_config, ["search.modes=[terminal, ppm]"])
-    assert custom.search.mode(2) == "ppm"
+    assert custom.search.round_mode(2) == "ppm"
     with pytest.raises(RunConfigError, match=r"search.modes=\['ppm'\] must start with terminal"):
         load_evolve_config(main_config, ["search.modes=[ppm]"])
     with pytest.raises(RunConfigError, match="search.modes: 'mcts' is not one of 'terminal', 'ppm'"):

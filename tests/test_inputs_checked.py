@@ -100,8 +100,8 @@ def _evolve_config(tmp_path: Path, model: Path) -> Path:
     cfg = {"model": str(model), "rounds": 1,
            "problems": {"train": "synth:levels=1,n=2,seed=0", "heldout": "synth:levels=1,n=2,seed=5"},
            "search": {"rollouts": 1, "bootstrap_rollouts": 1, "candidates": 1, "max_depth": 2, "max_new_tokens": 4,
-                      "batch": 2, "few_shot": 0},
-           "eval": {"rollouts": 1, "candidates": 1, "max_depth": 2, "batch": 2},
+                      "in_flight": 2, "few_shot": 0},
+           "eval": {"rollouts": 1, "candidates": 1, "max_depth": 2, "in_flight": 2},
            "sandbox_workers": 1}
     path = tmp_path / "evolve.yaml"
     path.write_text(json.dumps(cfg))

@@ -6,8 +6,8 @@ Names are imported on first use, so `rstar_jax.config` can take `EngineConfig` w
 import importlib
 
 _WHERE = {"Completion": "api", "Request": "api", "RequestError": "api", "SamplingConfig": "api",
-          "EngineConfig": "config", "Engine": "engine", "Finished": "engine", "generate": "generate",
-          "prompt_keys": "generate", "InferenceModel": "model", "prepare": "model"}
+          "EngineConfig": "config", "Engine": "engine", "Finished": "engine", "generate": "wrapper",
+          "prompt_keys": "wrapper", "InferenceModel": "model", "prepare": "model"}
 __all__ = sorted(_WHERE)
 
 

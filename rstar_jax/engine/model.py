@@ -34,6 +34,16 @@ def single_device_mesh() -> jax.sharding.Mesh:
     return sharding.make_mesh(MeshSection(data=1), jax.devices()[:1])
 
 
+def load_policy(spec: str, inference, mesh: jax.sharding.Mesh):
+    """(the loaded model, its `InferenceModel`): weights read once, placed straight into their shards on `mesh` and
+    laid out for the engine in `inference.dtype` (`inference`: a command's `config.InferenceConfig`)."""
+    from rstar_jax.models.hf_io import load_model
+
+    lm = load_model(spec, dtype="float32", mesh=mesh, min_shard_elements=inference.mesh.min_shard_elements)
+    return lm, prepare(lm.params, lm.cfg, inference.dtype, mesh=mesh,
+                       min_shard_elements=inference.mesh.min_shard_elements)
+
+
 def _layout(params: Params, dtype: Any, tuned: bool) -> Params:
     cast = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     layers = cast["model"]["layers"]

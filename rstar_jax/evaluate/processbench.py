@@ -257,7 +257,7 @@ def diagnostics(rows: Sequence[Row], scores: Sequence[Sequence[float]], preds: S
 # Running
 
 
-def reward_model_scorer(spec: str, *, batch_size: int = 16, compute_dtype: Any = "float32") -> ScoreFn:
+def reward_model_scorer(spec: str, *, batch_size: int = 16, compute_dtype: Any = "float32", mesh=None) -> ScoreFn:
     """A ScoreFn from a reward model folder: a project head reads the problem in the policy's prompt and each step
     after a newline; a Qwen2.5-Math-PRM reads the raw problem and steps in its own chat format."""
     import jax.numpy as jnp
@@ -266,7 +266,7 @@ def reward_model_scorer(spec: str, *, batch_size: int = 16, compute_dtype: Any =
     from rstar_jax.models.hf_io import load_model
     from rstar_jax.reward import score_steps
 
-    model = load_model(spec)
+    model = load_model(spec, mesh=mesh)
     if model.num_labels is None:
         raise ProcessBenchError(f"reward model {spec!r}: has no score head (a causal LM, not a reward model)")
     dtype = jnp.dtype(compute_dtype)
@@ -313,7 +313,10 @@ def run_processbench(cfg: ProcessBenchConfig, score: ScoreFn | None = None) -> d
             require_both_kinds(part, f"{data_path} ({split} split: calibration_fraction {calibration_fraction:g}, "
                                      f"seed {seed})")
     if score is None:
-        score = reward_model_scorer(cfg.reward_model, batch_size=cfg.batch_size, compute_dtype=cfg.dtype)
+        from rstar_jax import runtime
+
+        score = reward_model_scorer(cfg.reward_model, batch_size=cfg.batch_size, compute_dtype=cfg.dtype,
+                                    mesh=runtime.start(cfg.mesh).mesh)
     calib_scores = score_rows(score, calib_rows, desc="processbench calibration")
     eval_scores = score_rows(score, eval_rows, desc="processbench eval")
 

@@ -48,7 +48,7 @@ class SearchSection(MCTSConfig):
         require(bool(self.modes) and self.modes[0] == "terminal", "modes", list(self.modes),
                 "a list that starts with terminal (round 1 has no PPM yet)")
 
-    def mode(self, k: int) -> str:
+    def round_mode(self, k: int) -> str:
         """The search mode of round k (from 1)."""
         return self.modes[min(k, len(self.modes)) - 1]
 

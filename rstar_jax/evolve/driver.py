@@ -133,12 +133,12 @@ class Rounds:
 
     def search(self, d: Path, k: int, policy: dict[str, Any], ppm: dict[str, Any]) -> dict[str, Any]:
         s = self.cfg.search
-        mode = s.mode(k) if ppm["model"] is not None else "terminal"
+        mode = s.round_mode(k) if ppm["model"] is not None else "terminal"
         mcts = s.mcts(mode=mode, rollouts=s.bootstrap_rollouts if k == 1 else s.rollouts)
         summary = self._search(d, policy, self.cfg.problems.train, "mcts", seed=self.cfg.seed + k, in_flight=s.in_flight,
                                max_depth=s.max_depth, mcts=mcts, mode=mode,
                                reward_model=ppm["model"] if mode == "ppm" else None)
-        return {"mode": mode, "scheduled_mode": s.mode(k), "policy": policy["model"], "ppm": ppm["model"],
+        return {"mode": mode, "scheduled_mode": s.round_mode(k), "policy": policy["model"], "ppm": ppm["model"],
                 "coverage": summary["solved_rate"],
                 "problems": summary["problems"], "tokens": round(summary["tokens_per_problem"] * summary["problems"]),
                 "summary": summary}

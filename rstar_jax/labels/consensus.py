@@ -136,11 +136,11 @@ def lm_judge(cfg: ConsensusConfig) -> Judge:
     import jax
 
     from rstar_jax.generation import encode_prompts, use_chat
-    from rstar_jax.models.hf_io import load_model
-    from rstar_jax.engine import SamplingConfig, generate, prepare
+    from rstar_jax import runtime
+    from rstar_jax.engine import SamplingConfig, generate
+    from rstar_jax.engine.model import load_policy
 
-    lm = load_model(cfg.judge)
-    model = prepare(lm.params, lm.cfg, cfg.dtype)
+    lm, model = load_policy(cfg.judge, cfg, runtime.start(cfg.mesh).mesh)
     chat = use_chat(lm.tokenizer, cfg.chat)
     settings = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
 
@@ -148,7 +148,8 @@ def lm_judge(cfg: ConsensusConfig) -> Judge:
         out: list[str] = []
         ids = encode_prompts(lm.tokenizer, list(prompts), chat)
         for lo in range(0, len(ids), cfg.batch_size):
-            results = generate(model, lm.tokenizer, ids[lo : lo + cfg.batch_size], settings, jax.random.key(cfg.seed))
+            results = generate(model, lm.tokenizer, ids[lo : lo + cfg.batch_size], settings, jax.random.key(cfg.seed),
+                               base=cfg.engine)
             out += [comps[0].text for comps in results]
         return out
 

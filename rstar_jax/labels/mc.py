@@ -223,8 +223,9 @@ def run_mc_labels(cfg: MCJobConfig) -> dict[str, Any]:
     summary."""
     from rstar_jax.math.grading import Grader
     from rstar_jax.math.steps import StepRunner
-    from rstar_jax.models.hf_io import load_model, model_config
-    from rstar_jax.engine import prepare
+    from rstar_jax import runtime
+    from rstar_jax.engine.model import load_policy
+    from rstar_jax.models.hf_io import model_config
     from rstar_jax.sandbox import SandboxPool
     from rstar_jax.search.policy import LMProposer
 
@@ -234,8 +235,9 @@ def run_mc_labels(cfg: MCJobConfig) -> dict[str, Any]:
         cfg.max_new_tokens, f"max_new_tokens={cfg.max_new_tokens} (per step)")
     # the sandbox forks its workers before JAX starts a backend (loading the policy does)
     with SandboxPool.from_section(cfg.sandbox) as pool, Grader() as grader:
-        lm = load_model(cfg.policy)
-        proposer = LMProposer(prepare(lm.params, lm.cfg, cfg.dtype), lm.tokenizer, max_new_tokens=cfg.max_new_tokens)
+        rt = runtime.start(cfg.mesh)
+        lm, model = load_policy(cfg.policy, cfg, rt.mesh)
+        proposer = LMProposer(model, lm.tokenizer, max_new_tokens=cfg.max_new_tokens, engine=cfg.engine)
         env = StepEnv(proposer, StepRunner(pool.run, max_steps=cfg.max_steps), lm.tokenizer, step_len=UNBOUNDED_STEP,
                       grader=grader)
         records = mc_labels(env, solutions, cfg.mc, jax.random.key(cfg.seed), out=cfg.out)

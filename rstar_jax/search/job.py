@@ -219,7 +219,7 @@ def _run(cfg: SearchConfig, problems, few_shot: str, settings: dict[str, Any], p
     from tqdm import tqdm
 
     from rstar_jax import runtime
-    from rstar_jax.engine import prepare
+    from rstar_jax.engine.model import load_policy
     from rstar_jax.math.grading import Grader
     from rstar_jax.math.steps import StepRunner
     from rstar_jax.models.hf_io import load_model
@@ -236,8 +236,7 @@ def _run(cfg: SearchConfig, problems, few_shot: str, settings: dict[str, Any], p
     timing_path = out_dir / f"timing{rt.suffix}.json"
     before = json.loads(timing_path.read_text()) if timing_path.is_file() else {"wall_s": 0.0, "host_wait_s": 0.0,
                                                                                  "tokens": 0}
-    lm = load_model(cfg.model, dtype="float32", mesh=rt.mesh, min_shard_elements=cfg.mesh.min_shard_elements)
-    model = prepare(lm.params, lm.cfg, cfg.dtype, mesh=rt.mesh)
+    lm, model = load_policy(cfg.model, cfg, rt.mesh)
     proposer = LMProposer(model, lm.tokenizer, cfg.max_new_tokens, engine=cfg.engine)
     scorer = None
     if cfg.reward_model is not None:

@@ -27,12 +27,13 @@ def prompt_keys(key: Any, n: int) -> jax.Array:
 
 
 def engine_config_for(prompts: Sequence[Sequence[int]], settings: SamplingConfig, base: EngineConfig = EngineConfig(),
-                      shared: int = 0) -> EngineConfig:
+                      shared: int = 0, groups: int = 1) -> EngineConfig:
     """`base` with room for these prompts and settings: slots for every sample (up to base.slots, in powers of
-    two so that similar calls share programs), lanes for the samples of a prompt, the new tokens asked for."""
+    two so that similar calls share programs, at least one per data group), lanes for the samples of a prompt, the
+    new tokens asked for."""
     samples = len(prompts) * settings.num_samples
     longest = max(len(p) for p in prompts) - shared
-    slots = min(base.slots, 1 << (samples - 1).bit_length())
+    slots = max(groups, min(base.slots, 1 << (samples - 1).bit_length()))
     lanes = min(base.lanes, 1 << (settings.num_samples - 1).bit_length())
     max_prompt = max(base.block, -(-longest // base.block) * base.block)
     return dataclasses.replace(base, slots=slots, lanes=lanes, entries=0, max_prompt=max(max_prompt, base.block),
@@ -40,16 +41,18 @@ def engine_config_for(prompts: Sequence[Sequence[int]], settings: SamplingConfig
 
 
 def generate(model: InferenceModel, tokenizer, prompts: Sequence[Sequence[int]], settings: SamplingConfig, key: Any,
-             *, shared_prefix: Sequence[int] = (), config: EngineConfig | None = None) -> list[list[Completion]]:
+             *, shared_prefix: Sequence[int] = (), config: EngineConfig | None = None,
+             base: EngineConfig = EngineConfig()) -> list[list[Completion]]:
     """K completions per prompt (K = settings.num_samples), in prompt order.
 
     key: one key (prompt i then uses fold_in(key, i)) or one key per prompt. shared_prefix: tokens that the
-    prompts start with; their keys/values are computed once. config: the engine's shape (default: sized for the
-    call by `engine_config_for`).
+    prompts start with; their keys/values are computed once. config: the engine's shape; default: `base` sized
+    for the call (`engine_config_for`).
     """
     if not prompts:
         raise RequestError("generate: no prompts")
     keys = prompt_keys(key, len(prompts))
-    engine = Engine(model, tokenizer, config or engine_config_for(prompts, settings, shared=len(shared_prefix)))
+    config = config or engine_config_for(prompts, settings, base, len(shared_prefix), model.mesh.shape["data"])
+    engine = Engine(model, tokenizer, config)
     engine.set_shared_prefix(shared_prefix)
     return engine.run([Request(p, settings, k) for p, k in zip(prompts, keys)])
