@@ -44,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rstar_jax.config import InferenceConfig, at_least
-from rstar_jax.jsonl import InputError, iter_jsonl
+from rstar_jax.jsonl import InputError, iter_jsonl, write_json
 
 # (problem, steps) pairs -> one score per step; higher = more likely correct.
 ScoreFn = Callable[[Sequence[tuple[str, Sequence[str]]]], list[list[float]]]
@@ -312,13 +312,18 @@ def run_processbench(cfg: ProcessBenchConfig, score: ScoreFn | None = None) -> d
         for split, part in (("calibration", calib_rows), ("eval", eval_rows)):
             require_both_kinds(part, f"{data_path} ({split} split: calibration_fraction {calibration_fraction:g}, "
                                      f"seed {seed})")
+    rt = None
     if score is None:
         from rstar_jax import runtime
 
+        rt = runtime.start(cfg.mesh)
         score = reward_model_scorer(cfg.reward_model, batch_size=cfg.batch_size, compute_dtype=cfg.dtype,
-                                    mesh=runtime.start(cfg.mesh).mesh)
-    calib_scores = score_rows(score, calib_rows, desc="processbench calibration")
-    eval_scores = score_rows(score, eval_rows, desc="processbench eval")
+                                    mesh=rt.mesh)
+    calib_scores = shared_scores(score, calib_rows, rt, Path(cfg.out) / "calibration", "processbench calibration")
+    eval_scores = shared_scores(score, eval_rows, rt, Path(cfg.out) / "eval", "processbench eval")
+    if rt is not None and rt.process_index > 0:
+        rt.barrier("processbench: report written")
+        return json.loads((Path(cfg.out) / "report.json").read_text())
 
     threshold, calib_metrics = best_threshold(calib_rows, calib_scores)
     eval_preds = [first_error(s, threshold) for s in eval_scores]
@@ -334,7 +339,24 @@ def run_processbench(cfg: ProcessBenchConfig, score: ScoreFn | None = None) -> d
         "diagnostics": diagnostics(eval_rows, eval_scores, eval_preds),
     }
     _write(Path(cfg.out), report, calib_rows, calib_scores, eval_rows, eval_scores, threshold)
+    if rt is not None:
+        rt.barrier("processbench: report written")
     return report
+
+
+def shared_scores(score: ScoreFn, rows: Sequence[Row], rt, name: Path, desc: str) -> list[list[float]]:
+    """`score_rows` of every row; among several processes (`rt`), each scores its share and reads the others'
+    (`{name}.scores.p{i}.json`)."""
+    if rt is None or rt.process_count == 1:
+        return score_rows(score, rows, desc=desc)
+    mine = rt.share(range(len(rows)))
+    part = name.with_name(f"{name.name}.scores{rt.suffix}.json")
+    write_json(part, dict(zip(map(str, mine), score_rows(score, [rows[i] for i in mine], desc=desc))))
+    rt.barrier(f"{desc}: every share scored")
+    scores: dict[str, list[float]] = {}
+    for i in range(rt.process_count):
+        scores |= json.loads(name.with_name(f"{name.name}.scores.p{i}.json").read_text())
+    return [scores[str(i)] for i in range(len(rows))]
 
 
 def run_official(

@@ -38,6 +38,7 @@ from rstar_jax.config import InferenceConfig, RunConfigError, shared, to_dict
 from rstar_jax.evolve.config import EvolveConfig, load_evolve_config, training_sources
 from rstar_jax.evolve.stages import run_stage
 from rstar_jax.jsonl import keep_settings, read_jsonl, write_jsonl
+from rstar_jax.runtime import Runtime
 from rstar_jax.search.mcts import MCTSConfig
 
 
@@ -70,45 +71,55 @@ def run_evolve(config_path: str | Path, out: str | Path, overrides: tuple[str, .
     # one sandbox pool for every search, forked before JAX starts a backend
     workers = cfg.sandbox_workers or None
     with SandboxPool(workers=workers, allow_insecure=allow_insecure_sandbox) as pool:
-        return Rounds(cfg, run_dir, pool, policy_sources, ppm_sources, prompt_file).all()
+        from rstar_jax import runtime
+
+        rt = runtime.start(cfg.mesh)  # after the sandbox forked, before JAX starts a backend
+        return Rounds(cfg, run_dir, pool, policy_sources, ppm_sources, prompt_file, rt).all()
 
 
 class Rounds:
-    """The rounds of one run; every method is one stage or a step of one."""
+    """The rounds of one run; every method is one stage or a step of one. Under jax.distributed every process runs
+    every stage: searches split their problems, training is one program over all processes; files that are not a
+    search's or a training run's own (labels, exports, reports) are written by process 0."""
 
     def __init__(self, cfg: EvolveConfig, run_dir: Path, pool, policy_sources: list[str], ppm_sources: list[str],
-                 prompt_file: str):
-        self.cfg, self.dir, self.pool = cfg, run_dir, pool
+                 prompt_file: str, rt: Runtime):
+        self.cfg, self.dir, self.pool, self.rt = cfg, run_dir, pool, rt
         self.policy_sources, self.ppm_sources, self.prompt_file = policy_sources, ppm_sources, prompt_file
+        self.lead = rt.process_index == 0
 
     def all(self) -> Path:
-        from rstar_jax.evolve.report import write_report
-
         cfg = self.cfg
         policy = {"model": cfg.model, "trained": False}
         ppm: dict[str, Any] = {"model": None, "trained": False}
-        run_stage(self.dir / "round_0" / "eval", "round 0: evaluate the base policy",
-                  lambda d: self.evaluate(d, policy, ppm))
-        write_report(self.dir)
+        stage = lambda folder, label, work: run_stage(folder, label, work, self.rt)  # noqa: E731
+        stage(self.dir / "round_0" / "eval", "round 0: evaluate the base policy", lambda d: self.evaluate(d, policy, ppm))
+        self.report()
         for k in range(1, cfg.rounds + 1):
             rd = self.dir / f"round_{k}"
-            run_stage(rd / "search", f"round {k}: MCTS over the training problems",
-                               lambda d: self.search(d, k, policy, ppm))
-            run_stage(rd / "sft_data", f"round {k}: policy SFT data", lambda d: self.sft_data(d, k))
-            policy = run_stage(rd / "policy", f"round {k}: policy SFT", lambda d: self.train_policy(d, k, policy))
+            stage(rd / "search", f"round {k}: MCTS over the training problems", lambda d: self.search(d, k, policy, ppm))
+            stage(rd / "sft_data", f"round {k}: policy SFT data", lambda d: self.sft_data(d, k))
+            policy = stage(rd / "policy", f"round {k}: policy SFT", lambda d: self.train_policy(d, k, policy))
             self.drop_checkpoints(rd / "policy")
-            run_stage(rd / "ppm_data", f"round {k}: PPM pairs", lambda d: self.ppm_data(d, k))
-            ppm = run_stage(rd / "ppm", f"round {k}: PPM training", lambda d: self.train_ppm(d, k, policy, ppm))
+            stage(rd / "ppm_data", f"round {k}: PPM pairs", lambda d: self.ppm_data(d, k))
+            ppm = stage(rd / "ppm", f"round {k}: PPM training", lambda d: self.train_ppm(d, k, policy, ppm))
             self.drop_checkpoints(rd / "ppm")
-            run_stage(rd / "eval", f"round {k}: evaluate", lambda d: self.evaluate(d, policy, ppm, k))
-            write_report(self.dir)
+            stage(rd / "eval", f"round {k}: evaluate", lambda d: self.evaluate(d, policy, ppm, k))
+            self.report()
         return self.dir / "report.md"
+
+    def report(self) -> None:
+        from rstar_jax.evolve.report import write_report
+
+        if self.lead:
+            write_report(self.dir)
+        self.rt.barrier("evolve: report written")
 
     # -- helpers
 
     def drop_checkpoints(self, stage: Path) -> None:
         """After the stage finished (its state.json written), so a crash in between still resumes training."""
-        if not self.cfg.keep_checkpoints:
+        if self.lead and not self.cfg.keep_checkpoints:
             shutil.rmtree(stage / "run" / "checkpoints", ignore_errors=True)
 
     def _search(self, out: Path, policy: dict[str, Any], problems: str, method: str, *, seed: int, in_flight: int,
@@ -146,6 +157,8 @@ class Rounds:
     def sft_data(self, d: Path, k: int) -> dict[str, Any]:
         from rstar_jax.labels.job import SFTLabelConfig, label_sft
 
+        if not self.lead:
+            return {}
         lab = self.cfg.labels
         summary = label_sft(SFTLabelConfig(trees=str(self.dir / f"round_{k}" / "search"), out=str(d / "sft.jsonl"),
                                            top=lab.sft_per_problem, min_accuracy=lab.sft_min_accuracy))
@@ -157,12 +170,14 @@ class Rounds:
         data = self.dir / f"round_{k}" / "sft_data" / "train.jsonl"
         if not _has_records(data):
             return previous | {"carried_over": True}
-        metrics = _train_and_export("sft", self.cfg.model, data, d, self.policy_sources)
+        metrics = _train_and_export("sft", self.cfg.model, data, d, self.policy_sources, self.rt)
         return {"model": str(d / "hf"), "trained": True, "metrics": metrics, "tokens": metrics.get("tokens_trained", 0)}
 
     def ppm_data(self, d: Path, k: int) -> dict[str, Any]:
         from rstar_jax.labels.job import PPMLabelConfig, label_ppm
 
+        if not self.lead:
+            return {}
         lab = self.cfg.labels
         summary = label_ppm(PPMLabelConfig(trees=str(self.dir / f"round_{k}" / "search"), out=str(d / "pairs.jsonl"),
                                            pairs=lab.pairs))
@@ -179,7 +194,7 @@ class Rounds:
         data = self.dir / f"round_{k}" / "ppm_data" / "train.jsonl"
         if not _has_records(data):
             return previous | {"carried_over": True}
-        metrics = _train_and_export("ppm", policy["model"], data, d, self.ppm_sources)
+        metrics = _train_and_export("ppm", policy["model"], data, d, self.ppm_sources, self.rt)
         return {"model": str(d / "hf"), "trained": True, "metrics": metrics, "tokens": metrics.get("tokens_trained", 0)}
 
     def evaluate(self, d: Path, policy: dict[str, Any], ppm: dict[str, Any], k: int = 0) -> dict[str, Any]:
@@ -202,7 +217,7 @@ class Rounds:
                                    max_depth=e.max_depth, **kw)
             out[name] = {"accuracy": summary["accuracy"], "tokens_per_problem": summary["tokens_per_problem"],
                          "wall_s": summary["wall_s"], "by_level": _by_level(d / name / "results.jsonl", levels)}
-        if ppm["model"] is not None and k > 0:
+        if ppm["model"] is not None and k > 0 and self.lead:
             out["ppm_pair_accuracy"] = _pair_accuracy(ppm["model"], self.dir / f"round_{k}" / "ppm_data" / "heldout.jsonl",
                                                       self.cfg.dtype)
         return out
@@ -211,16 +226,19 @@ class Rounds:
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_and_export(kind: str, model: str, data: Path, d: Path, sources: list[str]) -> dict[str, Any]:
-    """Train (resuming from the run's last checkpoint) and export the final checkpoint to `d/hf`."""
+def _train_and_export(kind: str, model: str, data: Path, d: Path, sources: list[str], rt: Runtime) -> dict[str, Any]:
+    """Train (resuming from the run's last checkpoint; every process) and export the final checkpoint to `d/hf`
+    (process 0)."""
     from rstar_jax.train import export_checkpoint, run_training
 
     metrics = run_training(kind, model, str(data), str(d / "run"), sources)
-    tmp = d / "hf.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    export_checkpoint(d / "run", tmp)
-    shutil.rmtree(d / "hf", ignore_errors=True)
-    tmp.rename(d / "hf")
+    if rt.process_index == 0:
+        tmp = d / "hf.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_checkpoint(d / "run", tmp)
+        shutil.rmtree(d / "hf", ignore_errors=True)
+        tmp.rename(d / "hf")
+    rt.barrier(f"{d}: exported")
     return metrics
 
 

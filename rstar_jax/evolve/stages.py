@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rstar_jax.jsonl import write_json
+from rstar_jax.runtime import Runtime
 
 STATE = "state.json"
 
@@ -24,19 +25,26 @@ def finished(folder: Path) -> dict[str, Any] | None:
     return json.loads(state.read_text())["result"] if state.is_file() else None
 
 
-def run_stage(folder: Path, label: str, work: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+def run_stage(folder: Path, label: str, work: Callable[[Path], dict[str, Any]], rt: Runtime) -> dict[str, Any]:
     """Run `work(folder)` unless the stage finished before; returns its result with `wall_s` (the finishing
-    attempt's seconds) and `attempts` (how many runs it took)."""
+    attempt's seconds) and `attempts` (how many runs it took). Every process of a multi-process run does the work
+    (searches split their problems, training is one program over all); process 0's result is the stage's."""
     done = finished(folder)
     if done is not None:
         print(f"evolve: {label}: finished earlier", file=sys.stderr, flush=True)
         return done
-    folder.mkdir(parents=True, exist_ok=True)
+    lead = rt.process_index == 0
     attempts_file = folder / ".attempts"
     attempts = int(attempts_file.read_text()) + 1 if attempts_file.is_file() else 1
-    attempts_file.write_text(str(attempts))
-    print(f"evolve: {label}" + (f" (resuming, attempt {attempts})" if attempts > 1 else ""), file=sys.stderr, flush=True)
+    if lead:
+        folder.mkdir(parents=True, exist_ok=True)
+        attempts_file.write_text(str(attempts))
+        print(f"evolve: {label}" + (f" (resuming, attempt {attempts})" if attempts > 1 else ""), file=sys.stderr,
+              flush=True)
+    rt.barrier(f"{label}: started")
     t0 = time.perf_counter()
     result = work(folder) | {"wall_s": round(time.perf_counter() - t0, 2), "attempts": attempts}
-    write_json(folder / STATE, {"status": "done", "result": result})
-    return result
+    if lead:
+        write_json(folder / STATE, {"status": "done", "result": result})
+    rt.barrier(f"{label}: done")
+    return finished(folder)

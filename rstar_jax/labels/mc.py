@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from rstar_jax.config import InferenceConfig, SandboxSection, at_least
 from rstar_jax.data import Problem
-from rstar_jax.jsonl import InputError, ResumableJsonl, check_output_file, iter_jsonl
+from rstar_jax.jsonl import InputError, ResumableJsonl, check_output_file, iter_jsonl, write_jsonl
 from rstar_jax.math.steps import StepKind, parse_step, split_observation
 from rstar_jax.search.mcts import path_texts, request_key
 from rstar_jax.search import scheduler
@@ -75,10 +75,12 @@ class MCJobConfig(InferenceConfig):
     seed: int = 0
     max_new_tokens: int = 256  # per step
     max_steps: int = 16
+    in_flight: int = 0  # solutions labelled at a time; 0: enough to fill the engine's slots twice
     sandbox: SandboxSection = SandboxSection()
 
     def __post_init__(self):
         at_least(1, per_problem=self.per_problem, max_new_tokens=self.max_new_tokens, max_steps=self.max_steps)
+        at_least(0, in_flight=self.in_flight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,19 +153,22 @@ def label_solution(env: StepEnv, solution: Solution, cfg: MCConfig, key: jax.Arr
 
 
 def mc_labels(env: StepEnv, solutions: Sequence[Solution], cfg: MCConfig, key: jax.Array, *,
-              out: str | Path | None = None, in_flight: int = 8) -> list[dict[str, Any]]:
-    """PRM records for `solutions`, `in_flight` solutions labelled at a time; with `out`, appended in order as they
-    finish, and a rerun resumes after the last complete record."""
+              out: str | Path | None = None, in_flight: int = 8,
+              indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """PRM records for `solutions` (or those at `indices`: a process's share), `in_flight` labelled at a time;
+    solution i's completions use fold_in(key, i). With `out`, records are appended in order as they finish, and a
+    rerun resumes after the last complete one."""
+    indices = list(range(len(solutions))) if indices is None else list(indices)
     writer = ResumableJsonl(out) if out is not None else None
     records = list(writer.records) if writer else []
-    if [r.get("id") for r in records] != [s.problem.id for s in solutions[: len(records)]]:
+    if [r.get("id") for r in records] != [solutions[i].problem.id for i in indices[: len(records)]]:
         raise MCLabelError(f"{out}: existing records do not match these solutions; choose another output")
-    todo = range(len(records), len(solutions))
+    todo = range(len(records), len(indices))
     finished: dict[int, dict[str, Any]] = {}  # solutions finish out of order; records are written in order
     try:
         with tqdm(todo, desc="mc labels", unit="solution", disable=len(todo) < 2, file=sys.stderr) as bar:
-            def done(i: int, rec: dict[str, Any], stats: Stats) -> None:
-                finished[i] = rec
+            def done(j: int, rec: dict[str, Any], stats: Stats) -> None:
+                finished[j] = rec
                 while len(records) in finished:
                     records.append(finished.pop(len(records)))
                     if writer:
@@ -171,8 +176,9 @@ def mc_labels(env: StepEnv, solutions: Sequence[Solution], cfg: MCConfig, key: j
                 env.stats.add(stats)
                 bar.update()
 
-            scheduler.run(env, ((i, label_solution(env, solutions[i], cfg, jax.random.fold_in(key, i)), Stats())
-                                for i in todo), in_flight, done)
+            scheduler.run(env, ((j, label_solution(env, solutions[indices[j]], cfg,
+                                                   jax.random.fold_in(key, indices[j])), Stats()) for j in todo),
+                          in_flight, done)
     finally:
         if writer:
             writer.close()
@@ -240,7 +246,18 @@ def run_mc_labels(cfg: MCJobConfig) -> dict[str, Any]:
         proposer = LMProposer(model, lm.tokenizer, max_new_tokens=cfg.max_new_tokens, engine=cfg.engine)
         env = StepEnv(proposer, StepRunner(pool.run, max_steps=cfg.max_steps), lm.tokenizer, step_len=UNBOUNDED_STEP,
                       grader=grader)
-        records = mc_labels(env, solutions, cfg.mc, jax.random.key(cfg.seed), out=cfg.out)
+        mine = rt.share(range(len(solutions)))  # every process labels its share into its own file
+        out = Path(cfg.out)
+        part = out.with_name(f"{out.stem}{rt.suffix}{out.suffix}")
+        records = mc_labels(env, solutions, cfg.mc, jax.random.key(cfg.seed), out=part, indices=mine,
+                            in_flight=cfg.in_flight or max(1, 2 * cfg.engine.slots // cfg.mc.k))
+        rt.barrier("label mc: every share labelled")
+        if rt.process_count > 1:
+            shares = [ResumableJsonl.read(out.with_name(f"{out.stem}.p{i}{out.suffix}")) for i in range(rt.process_count)]
+            records = [shares[i % rt.process_count][i // rt.process_count] for i in range(len(solutions))]
+            if rt.process_index == 0:
+                write_jsonl(out, records)
+            rt.barrier("label mc: merged")
     steps = [h for r in records for h in r["hard_labels"]]
     return {"solutions": len(records), "steps": len(steps),
             "positive_steps": sum(steps), "solutions_without_error": sum(r["first_error"] == -1 for r in records),

@@ -262,9 +262,8 @@ def _run(cfg: SearchConfig, problems, few_shot: str, settings: dict[str, Any], p
     with Grader() as grader, tqdm(total=len(problems), initial=len(done), unit="problem",
                                   desc=f"search {cfg.method}", file=sys.stderr, disable=not progress) as bar:
         def show_progress():  # problems take many minutes: show the work in flight as expansions come back
-            tokens = proposer.engine.stats["tokens"]
-            rate = tokens / (time.perf_counter() - t0)
-            bar.set_postfix_str(f"{len(started)} in flight, {timing.expansions} expansions, {tokens} tokens, "
+            rate = timing.tokens / (time.perf_counter() - t0)
+            bar.set_postfix_str(f"{len(started)} in flight, {timing.expansions} expansions, {timing.tokens} tokens, "
                                 f"{rate:.0f} tok/s", refresh=True)
 
         env = StepEnv(proposer, StepRunner(pool.run, cfg.max_depth), lm.tokenizer, grader,

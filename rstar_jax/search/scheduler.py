@@ -46,6 +46,7 @@ class Timing:
     wall_s: float = 0.0
     host_wait_s: float = 0.0  # no request in the engine while some problem waits for its host work
     expansions: int = 0
+    tokens: int = 0  # generated
 
     @property
     def host_wait_share(self) -> float:
@@ -126,6 +127,7 @@ def run(env: StepEnv, problems: Iterable[tuple[object, ProblemSearch, Stats]], i
             for ticket, completions in propose.poll():
                 p = active.pop(ticket)
                 p.stats.seconds["sampling"] += time.perf_counter() - p.submitted  # in the engine, shared with others
+                timing.tokens += sum(len(c.token_ids) for row in completions for c in row)
                 e = p.expand
                 host[pool.submit(env.children, e.requests, completions, grade=e.grade, score=e.score,
                                  one_answer=e.one_answer, stats=p.stats)] = p
