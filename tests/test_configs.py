@@ -120,3 +120,46 @@ def test_help_shows_every_default(capsys):
     assert "--in-flight IN_FLIGHT problems searched at a time (0: enough to fill the engine's slots twice) (default: 0)" in flat
     assert "(default: mcts.rollouts 16, mcts_star.iterations 32)" in flat
     assert "  mcts.c                     2.0" in text and "  model                      (required)" in text
+
+
+EVOLVE_LOWER = """
+import json, math, sys
+from rstar_jax import sharding
+from rstar_jax.config import Config, load_config
+from rstar_jax.engine.aot import abstract_model, lower_programs
+from rstar_jax.evolve.config import load_evolve_config, training_sources
+from rstar_jax.train.loop import lower_step
+from rstar_jax.train.model_source import arch_model_config
+import jax
+path, = sys.argv[1:]
+cfg, base = load_evolve_config(path)
+train = load_config(training_sources(cfg.policy_train, base), cls=Config)
+arch = arch_model_config(train.model.arch)
+search_devices = math.prod(cfg.mesh.shape)
+mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:search_devices])
+engine = lower_programs(abstract_model(arch, mesh), cfg.engine, read=2)
+step = lower_step(train, "sft", arch)
+print(json.dumps({"engine": {k: len(v.as_text()) for k, v in engine.items()}, "train": len(step.as_text())}))
+"""
+
+
+@pytest.mark.slow
+def test_pod_evolve_configs_lower_their_search_and_train_programs():
+    """Each pod config's search (one engine per host: its `mesh` over a host's devices) and policy training (its
+    training config's mesh over every device) lower on fake CPU devices of the target shape."""
+    configs = sorted((REPO / "configs" / "evolve").glob("qwen*.yaml"))
+    assert [p.name for p in configs] == ["qwen2.5-math-1.5b_8xh100.yaml", "qwen2.5-math-1.5b_v5p-64.yaml",
+                                         "qwen2.5-math-7b_8xh100.yaml", "qwen2.5-math-7b_v5p-64.yaml"]
+    for path in configs:
+        from rstar_jax.evolve.config import load_evolve_config, training_sources
+
+        cfg, base = load_evolve_config(path)
+        assert (cfg.rounds, cfg.search.rollouts, cfg.search.candidates, cfg.search.max_depth) == (4, 16, 8, 16)
+        assert cfg.search.modes == ("terminal", "terminal", "ppm", "ppm")
+        train = load_config(training_sources(cfg.policy_train, base))
+        env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(_devices(train)), "PYTHONPATH": str(REPO)}
+        r = subprocess.run([sys.executable, "-c", EVOLVE_LOWER, str(path)], env=env, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        sizes = json.loads(r.stdout.splitlines()[-1])
+        assert sizes["train"] > 0 and all(v > 0 for v in sizes["engine"].values())

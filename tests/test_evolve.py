@@ -191,7 +191,7 @@ def test_round_schedule_is_rstar_maths_by_default_and_a_config_list(tmp_path):
     main_config = REPO / "configs" / "evolve" / "smollm2-135m_cpu.yaml"
     custom, _ = load_evolve_config(main_config, ["search.modes=[terminal, ppm]"])
     assert custom.search.round_mode(2) == "ppm"
-    with pytest.raises(RunConfigError, match=r"search.modes=\['ppm'\] must start with terminal"):
+    with pytest.raises(RunConfigError, match=r"search.modes=\['ppm'\]: must be a list that starts with terminal"):
         load_evolve_config(main_config, ["search.modes=[ppm]"])
     with pytest.raises(RunConfigError, match="search.modes: 'mcts' is not one of 'terminal', 'ppm'"):
         load_evolve_config(main_config, ["search.modes=[terminal, mcts]"])

@@ -43,10 +43,10 @@ def abstract_model(cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype: Any = jnp.b
     return InferenceModel(_abstract(params, sharding.named(mesh, param_specs)), cfg, mesh, False)
 
 
-def compile_programs(model: InferenceModel, config: EngineConfig, read: int | None = None,
-                     shared_len: int = 512) -> dict[str, Any]:
-    """Lower and compile `prefill` and `decode` for `model` (e.g. from `abstract_model`); returns the compiled
-    programs by name. `read`: prompt blocks the programs read (default: all)."""
+def lower_programs(model: InferenceModel, config: EngineConfig, read: int | None = None,
+                   shared_len: int = 512) -> dict[str, Any]:
+    """`prefill` and `decode` of `model` (e.g. from `abstract_model`) lowered on abstract inputs, by name.
+    `read`: prompt blocks the programs read (default: all)."""
     lay: Layout = config.layout(model.mesh.shape["data"])
     read = lay.blocks if read is None else read
     cfg, mesh, dtype = model.cfg, model.mesh, model.params["model"]["embed_tokens"]["weight"].dtype
@@ -68,7 +68,12 @@ def compile_programs(model: InferenceModel, config: EngineConfig, read: int | No
                        rep((D, R, M), bool))
     static = dict(cfg=cfg, lay=lay, read=read, tuned=model.tuned)
     return {
-        "prefill": programs.prefill.lower(model.params, state, shared, table, rows, **static).compile(),
-        "decode": programs.decode.lower(model.params, state, shared, table, rep((D, lay.entries, K), np.int8),
-                                        **static).compile(),
+        "prefill": programs.prefill.lower(model.params, state, shared, table, rows, **static),
+        "decode": programs.decode.lower(model.params, state, shared, table, rep((D, lay.entries, K), np.int8), **static),
     }
+
+
+def compile_programs(model: InferenceModel, config: EngineConfig, read: int | None = None,
+                     shared_len: int = 512) -> dict[str, Any]:
+    """`lower_programs`, compiled ahead of time."""
+    return {name: low.compile() for name, low in lower_programs(model, config, read, shared_len).items()}

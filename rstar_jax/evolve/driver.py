@@ -36,6 +36,7 @@ from typing import Any
 
 from rstar_jax.config import InferenceConfig, RunConfigError, shared, to_dict
 from rstar_jax.evolve.config import EvolveConfig, load_evolve_config, training_sources
+from rstar_jax.evolve.report import speed
 from rstar_jax.evolve.stages import run_stage
 from rstar_jax.jsonl import keep_settings, read_jsonl, write_jsonl
 from rstar_jax.runtime import Runtime
@@ -216,7 +217,8 @@ class Rounds:
             summary = self._search(d / name, policy, heldout, seed=self.cfg.seed, in_flight=e.in_flight,
                                    max_depth=e.max_depth, **kw)
             out[name] = {"accuracy": summary["accuracy"], "tokens_per_problem": summary["tokens_per_problem"],
-                         "wall_s": summary["wall_s"], "by_level": _by_level(d / name / "results.jsonl", levels)}
+                         "wall_s": summary["wall_s"], "by_level": _by_level(d / name / "results.jsonl", levels),
+                         "speed": speed(summary)}
         if ppm["model"] is not None and k > 0 and self.lead:
             out["ppm_pair_accuracy"] = _pair_accuracy(ppm["model"], self.dir / f"round_{k}" / "ppm_data" / "heldout.jsonl",
                                                       self.cfg.dtype)

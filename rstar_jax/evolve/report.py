@@ -2,7 +2,9 @@
 
 Per round: coverage (training problems with a correct answer somewhere in their tree), SFT records and PPM pairs,
 held-out greedy accuracy, MCTS accuracy with the round's PPM and without it (same budget, inference mode), PPM
-accuracy on held-out pairs, greedy and MCTS accuracy per difficulty level, and tokens and wall time per stage.
+accuracy on held-out pairs, greedy and MCTS accuracy per difficulty level, tokens and wall time per stage, and
+where each search's time went (`SPEED`: tokens/s, problems/h, engine busy and host-wait shares, sandbox calls/s,
+and per process when there are several).
 Round 0 is the base policy. Written from whatever has finished, so a partial run has a partial report.
 """
 
@@ -16,6 +18,13 @@ from rstar_jax.jsonl import write_json
 from rstar_jax.plots import bar_chart, line_chart
 
 STAGES = ("search", "sft_data", "policy", "ppm_data", "ppm", "eval")
+SPEED = ("tokens_per_s", "problems_per_hour", "engine_busy_share", "host_wait_share", "sandbox_calls_per_s",
+         "processes")
+
+
+def speed(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where a search's time went, from its summary."""
+    return None if summary is None else {k: summary.get(k) for k in SPEED}
 
 
 def _get(d: dict[str, Any] | None, *keys: str) -> Any:
@@ -48,6 +57,9 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
             "by_level": {m: _get(ev, m, "by_level") for m in ("greedy", "mcts", "mcts_no_ppm") if _get(ev, m)},
             "stages": {s: {"wall_s": _get(r, "wall_s"), "tokens": _get(r, "tokens"), "attempts": _get(r, "attempts")}
                        for s, r in st.items() if r is not None},
+            "search_speed": {name: sp for name, sp in [("search", speed(_get(st["search"], "summary")))]
+                             + [(f"eval {m}", _get(ev, m, "speed")) for m in ("greedy", "mcts", "mcts_no_ppm")]
+                             if sp is not None},
         })
         k += 1
     return rounds
@@ -88,6 +100,15 @@ def write_report(run_dir: str | Path) -> Path:
                 tok = f" ({info['tokens']:,} tok)" if info.get("tokens") else ""
                 cells.append(f"{info['wall_s']:.0f}{tok}")
         lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
+    lines += ["", "Where the searches' time went:", "",
+              "| round | search | tokens/s | problems/h | engine busy | host wait | sandbox calls/s |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    num = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
+    for r in rounds:
+        for name, sp in r["search_speed"].items():
+            lines.append(f"| {r['round']} | {name} | {num(sp['tokens_per_s'], '.1f')} | {num(sp['problems_per_hour'], '.1f')}"
+                         f" | {_pct(sp['engine_busy_share'])} | {_pct(sp['host_wait_share'])} "
+                         f"| {num(sp['sandbox_calls_per_s'], '.1f')} |")
     lines += ["", "Charts: `accuracy_by_round.png`, `accuracy_by_level.png`, `time_by_stage.png`.", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
 
