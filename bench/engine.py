@@ -1,6 +1,6 @@
 """The engine against the previous call-by-call sampler on a stream of MCTS policy requests, in one process.
 
-The requests are the default MCTS run's own (`bench/results/search_default/mcts/trees`): every expanded node of
+The requests are the default MCTS run's own (`bench/results/search_default/mcts/trees.tar.xz`): every expanded node of
 the first `--problems` problems is one request (the 2-shot prompt, the question and the node's path, as the search
 built it), 8 samples at temperature 0.8, 256 new tokens at most, stopped by the step tags. The previous sampler
 gets them as the level-synchronous search made its calls: per call, the next expansion of each problem of the
@@ -18,6 +18,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zlib
@@ -36,7 +37,17 @@ from rstar_jax.search.mcts import path_texts
 from rstar_jax.search.policy import StepEnv
 
 REPO = Path(__file__).resolve().parents[1]
-TREES = REPO / "bench" / "results" / "search_default" / "mcts" / "trees"
+TREES = REPO / "bench" / "results" / "search_default" / "mcts" / "trees.tar.xz"  # its trees/ folder, archived
+
+
+def tree_files() -> list[Path]:
+    """The default MCTS run's saved trees (their .json paths, in name order), unpacked from TREES into a
+    temporary folder (each .json next to its .npz, as `tree_io.load` reads them)."""
+    folder = Path(tempfile.mkdtemp(prefix="search_default_trees_"))
+    with tarfile.open(TREES, "r:xz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("trees/") and ".." not in m.name]
+        tar.extractall(folder, members=members)
+    return sorted((folder / "trees").glob("*.json"))
 
 
 def previous_sampler(commit: str):
@@ -59,7 +70,7 @@ def previous_sampler(commit: str):
 def mcts_calls(env: StepEnv, problems: int, calls: int) -> list[list[tuple[tuple[int, ...], int]]]:
     """Per level-synchronous call, (prompt ids, request seed) of each problem's next expansion, in node order."""
     per_problem = []
-    for path in sorted(TREES.glob("*.json"))[:problems]:
+    for path in tree_files()[:problems]:
         saved = tree_io.load(path)
         meta = saved.meta["problem"]
         question = env.question_ids(Problem(str(meta["id"]), meta["question"], str(meta["answer"]), None, None, "tree"))
