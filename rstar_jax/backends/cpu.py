@@ -5,7 +5,7 @@ their dtype, default compiler options, no host-memory housekeeping. On CPU (`tun
 
 * Dots ask for fp32 results over rows flattened to 2-D (`linear`): XLA:CPU runs bf16 dots 2.5x faster that way
   (AVX512-BF16 kernels), a custom VJP keeps the backward dots fp32 too, and 2-D operands spare the weight-gradient
-  dots a slow transposing loop fusion (SmolLM2 train step 7.4 -> 6.2 s, BUILD_NOTES). Inference weights are
+  dots a slow transposing loop fusion (SmolLM2 train step 7.4 -> 6.2 s, docs/xla_cpu.md). Inference weights are
   stored [in, out] (`weight_t`): small-batch matmuls run ~1.4x faster in that layout.
 * Caches of half-width floats are stored as unsigned ints (`to_storage`): XLA:CPU runs a bf16 scatter or
   dynamic-update-slice by converting the whole buffer, on integers it writes in place.
