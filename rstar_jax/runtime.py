@@ -9,6 +9,7 @@ training stays one SPMD program over every process (`train.loop`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Sequence, TypeVar
 
 import jax
@@ -17,6 +18,8 @@ from rstar_jax import sharding
 from rstar_jax.config import MeshSection
 
 T = TypeVar("T")
+BARRIER_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # a share of a long search; the coordination service's ids are int64 ms
+_BARRIERS = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +33,17 @@ class Runtime:
         return list(items[self.process_index :: self.process_count])
 
     def barrier(self, name: str) -> None:
-        """Wait until every process reached this point (a no-op alone)."""
-        if self.process_count > 1:
-            from jax.experimental import multihost_utils
+        """Wait until every process reached this point (a no-op alone).
 
-            multihost_utils.sync_global_devices(name)
+        A key-value barrier of the coordination service, not a device collective: processes reach it minutes or
+        hours apart (one still searching its share, process 0 writing exports), far past a collective's timeout.
+        Every process passes the same barriers in the same order, so a counter makes each id unique.
+        """
+        if self.process_count > 1:
+            from jax._src import distributed
+
+            barrier_id = f"rstar_jax/{next(_BARRIERS)}/{name}"
+            distributed.global_state.client.wait_at_barrier(barrier_id, BARRIER_TIMEOUT_MS)
 
     @property
     def suffix(self) -> str:

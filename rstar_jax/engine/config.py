@@ -21,7 +21,7 @@ class EngineConfigError(ValueError):
 class EngineConfig:
     slots: int = 64  # samples decoded at once, over all data groups
     lanes: int = 8  # samples of one request that share its prompt cache (a request with more uses more entries)
-    entries: int = 0  # prompt caches over all data groups; 0: 2 * slots / lanes (room for requests waiting a slot)
+    entries: int = 0  # prompt caches over all data groups; 0: 2 * slots / lanes (room for requests waiting a slot; slots with one lane)
     max_prompt: int = 4096  # tokens of a request's prompt after the shared prefix
     max_new_tokens: int = 256  # most tokens one sample generates (its own cache)
     block: int = 512  # prompt-cache block: the unit that decode and prefill skip (CPU) or bucket (GPU/TPU)
@@ -44,8 +44,9 @@ class EngineConfig:
         """Per-group sizes for `groups` data groups; each group gets an equal share of slots and entries."""
         if self.slots % groups:
             raise EngineConfigError(f"engine.slots={self.slots}: must be a multiple of the mesh's data axis ({groups})")
-        # every entry is read at every decode step, running lanes or not: as few as keep the slots fed
-        entries = self.entries or max(groups, 2 * self.slots // self.lanes)
+        # every entry is read at every decode step, running lanes or not: as few as keep the slots fed (twice the
+        # slots' worth, so requests wait prefilled; one lane per entry already gives each slot its own entry)
+        entries = self.entries or max(groups, (2 if self.lanes > 1 else 1) * self.slots // self.lanes)
         blocks = -(-self.max_prompt // self.block)
         return Layout(groups=groups, slots=self.slots // groups, entries=-(-entries // groups), lanes=self.lanes,
                       blocks=blocks, block=self.block, suffix=self.max_new_tokens, rows=self.prefill_rows,

@@ -133,4 +133,8 @@ def state_shardings(lay: Layout, cfg: ModelConfig, dtype: Any, tuned: bool, mesh
 def init_state(lay: Layout, cfg: ModelConfig, dtype: Any, tuned: bool, mesh) -> EngineState:
     """The empty state, created directly in its shardings (one small program)."""
     shardings = state_shardings(lay, cfg, dtype, tuned, mesh)
-    return jax.jit(lambda: _empty(lay, cfg, dtype, tuned), out_shardings=shardings)()
+
+    def empty_state() -> EngineState:
+        return _empty(lay, cfg, dtype, tuned)
+
+    return jax.jit(empty_state, out_shardings=shardings)()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rstar_jax import memory
 from rstar_jax.jsonl import write_json
 from rstar_jax.runtime import Runtime
 
@@ -47,4 +48,5 @@ def run_stage(folder: Path, label: str, work: Callable[[Path], dict[str, Any]], 
     if lead:
         write_json(folder / STATE, {"status": "done", "result": result})
     rt.barrier(f"{label}: done")
+    memory.release()  # the next stage starts without this one's programs and freed buffers
     return finished(folder)

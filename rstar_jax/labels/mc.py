@@ -243,7 +243,8 @@ def run_mc_labels(cfg: MCJobConfig) -> dict[str, Any]:
     with SandboxPool.from_section(cfg.sandbox) as pool, Grader() as grader:
         rt = runtime.start(cfg.mesh)
         lm, model = load_policy(cfg.policy, cfg, rt.mesh)
-        proposer = LMProposer(model, lm.tokenizer, max_new_tokens=cfg.max_new_tokens, engine=cfg.engine)
+        proposer = LMProposer(model, lm.tokenizer, max_new_tokens=cfg.max_new_tokens, engine=cfg.engine,
+                              samples=cfg.k)
         env = StepEnv(proposer, StepRunner(pool.run, max_steps=cfg.max_steps), lm.tokenizer, step_len=UNBOUNDED_STEP,
                       grader=grader)
         mine = rt.share(range(len(solutions)))  # every process labels its share into its own file

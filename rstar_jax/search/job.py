@@ -237,14 +237,15 @@ def _run(cfg: SearchConfig, problems, few_shot: str, settings: dict[str, Any], p
     before = json.loads(timing_path.read_text()) if timing_path.is_file() else {"wall_s": 0.0, "host_wait_s": 0.0,
                                                                                  "tokens": 0}
     lm, model = load_policy(cfg.model, cfg, rt.mesh)
-    proposer = LMProposer(model, lm.tokenizer, cfg.max_new_tokens, engine=cfg.engine)
+    per_expansion = samples_per_expansion(method_cfg)
+    proposer = LMProposer(model, lm.tokenizer, cfg.max_new_tokens, engine=cfg.engine, samples=per_expansion)
     scorer = None
     if cfg.reward_model is not None:
         rm = load_model(cfg.reward_model, dtype="float32", mesh=rt.mesh, min_shard_elements=cfg.mesh.min_shard_elements)
         scorer = RewardScorer(rm.params, rm.cfg, rm.tokenizer, rm.head, compute_dtype=cfg.dtype)
     problem_search = {"mcts": mcts.problem_search, "mcts-star": mcts_star.problem_search}.get(
         cfg.method, baselines.problem_search)
-    in_flight = cfg.in_flight or max(1, 2 * cfg.engine.slots // samples_per_expansion(method_cfg))
+    in_flight = cfg.in_flight or max(1, 2 * cfg.engine.slots // per_expansion)
     root_key = jax.random.key(cfg.seed)
     started: dict[str, float] = {}
     state = {p.id: BatchCheckpoint(out_dir / "inflight" / f"{tree_io.tree_stem(p.id)}.npz",

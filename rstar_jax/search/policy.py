@@ -148,10 +148,13 @@ class LMProposer(Proposer):
     the requests' shared few-shot prefix (prefilled once, then read by every request)."""
 
     def __init__(self, model: InferenceModel, tokenizer, max_new_tokens: int = 256, top_p: float = 1.0, top_k: int = 0,
-                 engine: EngineConfig = EngineConfig()):
+                 engine: EngineConfig = EngineConfig(), samples: int = 0):
+        """samples: what one request asks for (0: unknown). A request's samples share one prompt entry of
+        `engine.lanes` lanes; lanes beyond them would sit idle in every decode step, so there are no more."""
         self.tokenizer, self.top_p, self.top_k = tokenizer, top_p, top_k
         self.max_new_tokens = max_new_tokens
-        self.engine = Engine(model, tokenizer, dataclasses.replace(engine, max_new_tokens=max_new_tokens))
+        lanes = min(engine.lanes, 1 << (samples - 1).bit_length()) if samples else engine.lanes
+        self.engine = Engine(model, tokenizer, dataclasses.replace(engine, max_new_tokens=max_new_tokens, lanes=lanes))
         self.tickets: dict[int, list[int | list[Completion]]] = {}  # ticket -> per request its engine id or result
         self.ticket_of: dict[int, tuple[int, int]] = {}  # engine id -> (ticket, index)
         self.next_ticket = 0

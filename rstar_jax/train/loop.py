@@ -123,6 +123,7 @@ def run_training(kind: str, model: str, data: str, out: str, overrides: list[str
             state, meta = ckpt.restore(latest, abstract_state(model_cfg, kind, optimizer, shardings))
             if meta["kind"] != kind:
                 raise RunConfigError(f"{out_dir}: holds a {meta['kind']} run; cannot resume it as {kind}")
+        del params0  # the host copy: the state holds the parameters now
         start = int(jax.device_get(state.step))
         log = MetricsLog(out_dir / "metrics.jsonl", start)
         step_fn = compile_step(make_train_step(kind, model_cfg, cfg, optimizer, steps), shardings, mesh, train.at_step(0))
