@@ -313,6 +313,8 @@ def _processbench_args(p: argparse.ArgumentParser) -> None:
         flag("--reward-model"), flag("--data", help="ProcessBench JSON / JSONL"), flag("--out"),
         flag("--calibration", help="rows to choose the threshold on (default: a seeded share of --data)"),
         flag("--calibration-fraction"), flag("--seed"), flag("--batch-size"), DTYPE,
+        flag("--protocol", help="calibrated: threshold from a share of --data; official: one threshold for the "
+                                "subsets official.gsm8k=F official.math=F ... (from GSM8K, or official.threshold)"),
     ])
     p.set_defaults(run=_processbench)
 

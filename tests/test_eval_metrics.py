@@ -77,3 +77,28 @@ def test_without_scores_or_tokens_only_vote_metrics(tmp_path):
 def test_bad_samples_files_are_one_line_errors(tmp_path, problems, message):
     with pytest.raises(InputError, match=message):
         read_samples(_write(tmp_path / "s.jsonl", problems))
+
+
+def test_lessons_best_of_n_protocol_is_one_config_file(tmp_path):
+    """configs/eval/bon_lessons.yaml: N = 8 samples at the protocol's temperature and top-p for a policy run, and
+    BoN@8 (min / product / last), maj@8 and pass@8 from one scored samples file."""
+    from pathlib import Path
+
+    from rstar_jax.cli import build_parser, command_config, main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "eval" / "bon_lessons.yaml")
+    argv = ["eval", config, "--model", "M", "--problems", "P", "--out", "o"]
+    args, args.overrides = build_parser(argv).parse_known_args(argv)
+    run = command_config(args).search_config("samples")
+    assert (run.baseline.samples, run.baseline.temperature, run.top_p, run.max_new_tokens) == (8, 0.7, 0.8, 256)
+    # 3 problems x 8 samples: the min-aggregated best is wrong on problem b, the last-step best right
+    rows = [{"id": "a", "gold": "1", "samples": [{"answer": "1", "step_scores": [0.9, 0.9]}] + [
+                {"answer": "2", "step_scores": [0.5, 0.1]}] * 7},
+            {"id": "b", "gold": "5", "samples": [{"answer": "5", "step_scores": [0.2, 0.99]}, {"answer": "6", "step_scores": [0.6, 0.5]}] + [
+                {"answer": "6", "step_scores": [0.1, 0.1]}] * 6},
+            {"id": "c", "gold": "7", "samples": [{"answer": "8", "step_scores": [0.5]}] * 8}]
+    samples = _write(tmp_path / "scored.jsonl", rows)
+    assert main(["eval", config, "--samples", str(samples), "--out", str(tmp_path / "out")]) in (0, None)
+    at8 = next(r for r in json.loads((tmp_path / "out" / "metrics.json").read_text())["by_n"] if r["N"] == 8)
+    want = {"bon_min": 100 / 3, "bon_product": 100 / 3, "bon_last": 200 / 3, "maj": 0, "pass": 200 / 3}
+    assert {k: at8[k] for k in want} == pytest.approx(want)

@@ -234,7 +234,20 @@ def test_official_protocol_one_threshold_for_every_subset_and_the_unweighted_mea
     assert fixed["threshold"] == 0.5 and list(fixed["subsets"]) == ["math"]
     assert fixed["subsets"]["math"]["error_acc"] == pytest.approx(100 / 3) and fixed["average"]["f1"] == 0.0
     with pytest.raises(ProcessBenchError, match="threshold_from gsm8k needs the gsm8k subset"):
-        OfficialProtocol(math=str(math_file))
+        OfficialProtocol(math=str(math_file)).check()
+
+    # the command: `processbench --protocol official official.gsm8k=F official.math=F`
+    from rstar_jax.cli import build_parser, command_config
+
+    argv = ["processbench", "--reward-model", "R", "--out", str(tmp_path / "cli"), "--protocol", "official",
+            f"official.gsm8k={gsm8k}", f"official.math={math_file}"]
+    args, args.overrides = build_parser(argv).parse_known_args(argv)
+    cfg = command_config(args)
+    assert cfg.official.subsets == {"gsm8k": str(gsm8k), "math": str(math_file)}
+    assert run_processbench(cfg, scorer)["average"] == report["average"]
+    with pytest.raises(ProcessBenchError, match="official.gsm8k, official.math"):
+        ProcessBenchConfig(reward_model="R", out="o", protocol="official", data=str(gsm8k),
+                           official=OfficialProtocol(gsm8k=str(gsm8k)))
 
 
 def test_rows_without_both_kinds_fail_before_scoring_naming_file_and_split(tmp_path):

@@ -31,7 +31,7 @@ class InferenceModel:
 
 
 def single_device_mesh() -> jax.sharding.Mesh:
-    return sharding.make_mesh(MeshSection(data=1), jax.devices()[:1])
+    return sharding.make_mesh(MeshSection(data=1), jax.local_devices()[:1])
 
 
 def load_policy(spec: str, inference, mesh: jax.sharding.Mesh):

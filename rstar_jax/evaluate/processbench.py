@@ -12,7 +12,7 @@ Threshold (`run_processbench`): chosen on a calibration set (a separate file, or
 the rows) to maximise F1, then fixed and applied to the evaluation rows; the best threshold on the evaluation rows
 themselves is reported as an upper bound. A NaN score (a step with no tokens) never counts as below the threshold.
 
-The published protocol (`run_official`, `OfficialProtocol`): ProcessBench's four subsets (gsm8k, math,
+The published protocol (`protocol: official`, `run_official`, `OfficialProtocol`): ProcessBench's four subsets (gsm8k, math,
 olympiadbench, omnimath) scored with one threshold, the F1-maximising one on the GSM8K subset or a fixed one (0.5
 for a PRM's P(correct)), applied to every subset; each subset's error / correct accuracy and F1, and their
 unweighted mean over the subsets (the papers' "Avg. F1"), as Qwen's run_eval.py reports per split
@@ -56,18 +56,57 @@ class ProcessBenchError(InputError):
     """Bad ProcessBench input (message names the file and row)."""
 
 
+SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialProtocol:
+    """ProcessBench as published: one file per subset (empty: not evaluated) and where the one threshold comes from."""
+
+    gsm8k: str = ""
+    math: str = ""
+    olympiadbench: str = ""
+    omnimath: str = ""
+    threshold_from: Literal["gsm8k", "fixed"] = "gsm8k"  # best F1 on the GSM8K subset, or `threshold`
+    threshold: float = 0.5  # the fixed threshold (0.5 for a PRM's P(step correct))
+
+    def check(self) -> None:
+        """Called when the protocol is chosen (`protocol: official`); the empty default is the calibrated run's."""
+        if not self.subsets:
+            raise ProcessBenchError(f"processbench official protocol: give at least one of {', '.join(SUBSETS)}")
+        if self.threshold_from == "gsm8k" and not self.gsm8k:
+            raise ProcessBenchError("processbench official protocol: threshold_from gsm8k needs the gsm8k subset")
+        if not math.isfinite(self.threshold):
+            raise ProcessBenchError(f"processbench official protocol: threshold={self.threshold!r} must be finite")
+
+    @property
+    def subsets(self) -> dict[str, str]:
+        """Subset name -> file, in the papers' order."""
+        return {name: getattr(self, name) for name in SUBSETS if getattr(self, name)}
+
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProcessBenchConfig(InferenceConfig):
     reward_model: str  # reward model folder (a name only, when the caller passes its own scorer)
-    data: str  # ProcessBench JSON / JSONL
     out: str  # output folder
+    protocol: Literal["calibrated", "official"] = "calibrated"  # official: the `official` section's subsets
+    data: str = ""  # the calibrated protocol's ProcessBench JSON / JSONL
     calibration: str = ""  # rows to choose the threshold on (default: a seeded share of data)
     calibration_fraction: float = 0.5
     seed: int = 0
     batch_size: int = 16
+    official: OfficialProtocol = OfficialProtocol()
 
     def __post_init__(self):
         at_least(1, batch_size=self.batch_size)
+        if self.protocol == "official":
+            if self.data or self.calibration:
+                raise ProcessBenchError("processbench protocol official: reads its subsets from official.gsm8k, "
+                                        "official.math, ... (not --data / --calibration)")
+            self.official.check()
+        elif not self.data:
+            raise ProcessBenchError("processbench: --data is required (or protocol=official with its subsets)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,34 +185,6 @@ def require_both_kinds(rows: Sequence[Row], where: str) -> None:
         kind = "erroneous rows (label >= 0)" if n_err == 0 else "correct rows (label -1)"
         raise ProcessBenchError(f"{where}: no {kind} among its {len(rows)} rows; error / correct accuracy and F1 "
                                 "need both")
-
-
-SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
-
-
-@dataclasses.dataclass(frozen=True)
-class OfficialProtocol:
-    """ProcessBench as published: one file per subset (empty: not evaluated) and where the one threshold comes from."""
-
-    gsm8k: str = ""
-    math: str = ""
-    olympiadbench: str = ""
-    omnimath: str = ""
-    threshold_from: Literal["gsm8k", "fixed"] = "gsm8k"  # best F1 on the GSM8K subset, or `threshold`
-    threshold: float = 0.5  # the fixed threshold (0.5 for a PRM's P(step correct))
-
-    def __post_init__(self):
-        if not self.subsets:
-            raise ProcessBenchError(f"processbench official protocol: give at least one of {', '.join(SUBSETS)}")
-        if self.threshold_from == "gsm8k" and not self.gsm8k:
-            raise ProcessBenchError("processbench official protocol: threshold_from gsm8k needs the gsm8k subset")
-        if not math.isfinite(self.threshold):
-            raise ProcessBenchError(f"processbench official protocol: threshold={self.threshold!r} must be finite")
-
-    @property
-    def subsets(self) -> dict[str, str]:
-        """Subset name -> file, in the papers' order."""
-        return {name: getattr(self, name) for name in SUBSETS if getattr(self, name)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +308,10 @@ def score_rows(score: ScoreFn, rows: Sequence[Row], chunk: int = 64, desc: str =
 
 def run_processbench(cfg: ProcessBenchConfig, score: ScoreFn | None = None) -> dict[str, Any]:
     """Score every row (with `score`, else with `cfg.reward_model`), fix the threshold on the calibration rows,
-    evaluate; write outputs; return the report."""
+    evaluate; write outputs; return the report. `protocol: official` runs `run_official` instead."""
+    if cfg.protocol == "official":
+        return run_official(score or cfg.reward_model, cfg.official, cfg.out, batch_size=cfg.batch_size,
+                            compute_dtype=cfg.dtype)
     data_path, seed, calibration_fraction = cfg.data, cfg.seed, cfg.calibration_fraction
     rows = load_rows(data_path)
     if cfg.calibration:

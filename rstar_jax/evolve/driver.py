@@ -230,14 +230,15 @@ class Rounds:
 
 def _train_and_export(kind: str, model: str, data: Path, d: Path, sources: list[str], rt: Runtime) -> dict[str, Any]:
     """Train (resuming from the run's last checkpoint; every process) and export the final checkpoint to `d/hf`
-    (process 0)."""
+    (written by process 0)."""
     from rstar_jax.train import export_checkpoint, run_training
 
     metrics = run_training(kind, model, str(data), str(d / "run"), sources)
-    if rt.process_index == 0:
-        tmp = d / "hf.tmp"
+    lead, tmp = rt.process_index == 0, d / "hf.tmp"
+    if lead:
         shutil.rmtree(tmp, ignore_errors=True)
-        export_checkpoint(d / "run", tmp)
+    export_checkpoint(d / "run", tmp, write=lead)  # every process reads the checkpoint (a collective restore)
+    if lead:
         shutil.rmtree(d / "hf", ignore_errors=True)
         tmp.rename(d / "hf")
     rt.barrier(f"{d}: exported")

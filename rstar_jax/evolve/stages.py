@@ -35,9 +35,10 @@ def run_stage(folder: Path, label: str, work: Callable[[Path], dict[str, Any]], 
         print(f"evolve: {label}: finished earlier", file=sys.stderr, flush=True)
         return done
     lead = rt.process_index == 0
-    attempts_file = folder / ".attempts"
-    attempts = int(attempts_file.read_text()) + 1 if attempts_file.is_file() else 1
+    attempts = None  # counted by process 0 alone (the others would read its file while it writes)
     if lead:
+        attempts_file = folder / ".attempts"
+        attempts = int(attempts_file.read_text()) + 1 if attempts_file.is_file() else 1
         folder.mkdir(parents=True, exist_ok=True)
         attempts_file.write_text(str(attempts))
         print(f"evolve: {label}" + (f" (resuming, attempt {attempts})" if attempts > 1 else ""), file=sys.stderr,

@@ -123,7 +123,7 @@ def read_weights(folder: Path, dtype: Any = jnp.float32) -> dict[str, np.ndarray
         raise ModelLoadError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors weights are supported)")
     tensors: dict[str, np.ndarray] = {}
     # The flax framework reads bfloat16 (numpy's cannot); keep the arrays on the host until they are stacked.
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's own, under jax.distributed
         for name in files:
             path = folder / name
             if not path.is_file():

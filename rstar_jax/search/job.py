@@ -35,7 +35,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Literal
 
-from rstar_jax.config import InferenceConfig, SandboxSection, at_least, section
+from rstar_jax.config import InferenceConfig, SandboxSection, at_least, require, section
 from rstar_jax.jsonl import InputError, ResumableJsonl, keep_settings, write_json, write_jsonl
 from rstar_jax.search.baselines import BaselineConfig
 from rstar_jax.search.mcts import MCTSConfig
@@ -58,6 +58,7 @@ class SearchSettings(InferenceConfig):
     seed: int = 0
     max_depth: int = 16  # steps per trajectory
     max_new_tokens: int = 256  # per step
+    top_p: float = 1.0  # nucleus sampling of every sampled step (1: off)
     few_shot: int = 2  # synthetic reference solutions in the prompt
     prompt_file: str = ""  # a file whose text is the few-shot prompt instead
     sandbox: SandboxSection = SandboxSection()
@@ -68,6 +69,7 @@ class SearchSettings(InferenceConfig):
         at_least(0, limit=self.limit, few_shot=self.few_shot)
         at_least(0, in_flight=self.in_flight)
         at_least(1, max_depth=self.max_depth, max_new_tokens=self.max_new_tokens)
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -230,7 +232,7 @@ def _run(cfg: SearchConfig, problems, few_shot: str, settings: dict[str, Any], p
     rt = runtime.start(cfg.mesh)
     out_dir = Path(cfg.out)
     method_cfg = cfg.driver_config
-    done = {r["id"] for path in out_dir.glob("results*.jsonl") for r in ResumableJsonl.read(path)}
+    done = set(_finished(out_dir))
     todo = [p for p in rt.share(problems) if p.id not in done]
     results = ResumableJsonl(out_dir / f"results{rt.suffix}.jsonl")
     timing_path = out_dir / f"timing{rt.suffix}.json"
@@ -238,7 +240,8 @@ def _run(cfg: SearchConfig, problems, few_shot: str, settings: dict[str, Any], p
                                                                                  "tokens": 0}
     lm, model = load_policy(cfg.model, cfg, rt.mesh)
     per_expansion = samples_per_expansion(method_cfg)
-    proposer = LMProposer(model, lm.tokenizer, cfg.max_new_tokens, engine=cfg.engine, samples=per_expansion)
+    proposer = LMProposer(model, lm.tokenizer, cfg.max_new_tokens, top_p=cfg.top_p, engine=cfg.engine,
+                          samples=per_expansion)
     scorer = None
     if cfg.reward_model is not None:
         rm = load_model(cfg.reward_model, dtype="float32", mesh=rt.mesh, min_shard_elements=cfg.mesh.min_shard_elements)
@@ -305,9 +308,16 @@ def _run(cfg: SearchConfig, problems, few_shot: str, settings: dict[str, Any], p
     return json.loads((out_dir / "summary.json").read_text())
 
 
+def _finished(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Problems finished by any earlier run, of any process count, whose trees are still there (a merged
+    results.jsonl may list problems that their process has since lost)."""
+    return {r["id"]: r for path in sorted(out_dir.glob("results*.jsonl")) for r in ResumableJsonl.read(path)
+            if (out_dir / r["tree"]).is_file()}
+
+
 def _merge(out_dir: Path, problems) -> list[dict[str, Any]]:
     """Every process's result lines, in problem order, as the job's results.jsonl."""
-    by_id = {r["id"]: r for path in out_dir.glob("results*.jsonl") for r in ResumableJsonl.read(path)}
+    by_id = _finished(out_dir)
     merged = [by_id[p.id] for p in problems if p.id in by_id]
     if any(out_dir.glob("results.p*.jsonl")):
         write_jsonl(out_dir / "results.jsonl", merged)
