@@ -39,8 +39,9 @@ def iter_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tup
 
 def _replace_with(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`: readers never see half a file,
-    and a failed write leaves neither a half file nor the temporary one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    and a failed write leaves neither a half file nor the temporary one. The temporary name is the process's own,
+    so processes of one run that write the same file (a search's settings) do not rename each other's."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
