@@ -88,7 +88,15 @@ def test_search_and_label_mc_split_over_two_processes_match_one(tiny_hf_folder, 
     assert rows(two) == rows(one) and (two / "results.p0.jsonl").read_text() == p0
     assert_same_trees(one, two)
 
-    label = ["label", "mc", "--trees", str(one), "--policy", str(folder), "--k", "2", "--per-problem", "2",
+    # the random policy's trees hold no finished solution: label the problems' reference solutions
+    from rstar_jax.data.synth import generate
+    from rstar_jax.math.steps import split_solution
+
+    solutions = tmp_path / "solutions.jsonl"
+    solutions.write_text("".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer,
+                                             "steps": split_solution(p.solution)}) + "\n"
+                                 for p in generate([1], 4, 5)))
+    label = ["label", "mc", "--trees", str(solutions), "--policy", str(folder), "--k", "2", "--per-problem", "2",
              "--max-new-tokens", "8", "--max-steps", "3", "--sandbox-workers", "1", "--allow-insecure-sandbox"]
     for n in (1, 2):
         run([*label, "--out", str(tmp_path / f"prm{n}.jsonl")], n)

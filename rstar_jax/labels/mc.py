@@ -244,7 +244,7 @@ def run_mc_labels(cfg: MCJobConfig) -> dict[str, Any]:
         rt = runtime.start(cfg.mesh)
         lm, model = load_policy(cfg.policy, cfg, rt.mesh)
         proposer = LMProposer(model, lm.tokenizer, max_new_tokens=cfg.max_new_tokens, engine=cfg.engine,
-                              samples=cfg.k)
+                              samples=cfg.mc.k)
         env = StepEnv(proposer, StepRunner(pool.run, max_steps=cfg.max_steps), lm.tokenizer, step_len=UNBOUNDED_STEP,
                       grader=grader)
         mine = rt.share(range(len(solutions)))  # every process labels its share into its own file

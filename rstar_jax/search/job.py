@@ -123,7 +123,7 @@ def summarize(records: list[dict[str, Any]], settings: dict[str, Any], timing: l
     wall = max((t["wall_s"] for t in timing), default=0.0)  # processes run side by side
     tokens = sum(r["tokens"] for r in records)
     calls = sum(r["sandbox_calls"] for r in records)
-    host = {p: round(sum(r["seconds"].get(p, 0.0) for r in records), 3) for p in PHASES if p != "sampling"}
+    host = {p: round(sum(r["seconds"].get(p, 0.0) for r in records), 6) for p in PHASES if p != "sampling"}
     solved = [r["solved"] for r in records if r["solved"] is not None]
     wait = sum(t["host_wait_s"] for t in timing)
     per_process = [{"process": i, "wall_s": round(t["wall_s"], 3), "tokens_per_s": round(t["tokens"] / t["wall_s"], 2)
@@ -289,7 +289,7 @@ def _run(cfg: SearchConfig, problems, few_shot: str, settings: dict[str, Any], p
                 "id": p.id, "answer": r.answer, "best_answer": r.best_answer, "gold": p.answer,
                 "correct": ok, "solved": r.solved, "tokens": stats.tokens[p.id],
                 "sandbox_calls": stats.programs[p.id], "wall_s": round(time.perf_counter() - started.pop(p.id), 3),
-                "seconds": {k: round(stats.seconds[k], 4) for k in PHASES},
+                "seconds": {k: round(stats.seconds[k], 6) for k in PHASES},
                 "tree": str(path.relative_to(out_dir)),
             })
             state[p.id].clear()
